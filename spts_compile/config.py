@@ -1,0 +1,257 @@
+"""One configuration object for the whole backend, validated once.
+
+`SPTSConfig` is what users pass (directly or as the `options=` dict of `torch.compile`). Fields left
+as None are filled from a preset picked by the model's depth (`resolve`), scaled from the paper's
+published schedules. The resolved form, `Schedule`, is what the passes consume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+Budget = int | float  # int: a token count; float in (0, 1]: a fraction of the prompt length N
+
+# The paper's three published schedules, keyed by depth. Budgets and prune counts are tokens.
+PAPER_SCHEDULES: dict[int, dict[str, Any]] = {
+    32: dict(name="llama-3.1-8b", start_layer=10, stage_ends=[13, 18, 23, 28],
+             budgets=[9216, 7168, 4096, 2048], prune=1024, ltp_channels=512, ltp_rank=192),
+    28: dict(name="qwen2.5-7b", start_layer=9, stage_ends=[12, 16, 20, 24],
+             budgets=[13312, 10240, 7168, 4096], prune=2048, ltp_channels=1024, ltp_rank=256),
+    26: dict(name="openpangu-1b", start_layer=11, stage_ends=[13, 16, 19, 22],
+             budgets=[13312, 10240, 7168, 4096], prune=2048, ltp_channels=1024, ltp_rank=128),
+}
+
+# Generic preset for any other depth: the Llama schedule's layer positions as fractions of depth,
+# and its 32K budgets as fractions of N, so that it scales to the short contexts small models have.
+GENERIC_START = Fraction(10, 32)
+GENERIC_ENDS = [Fraction(13, 32), Fraction(18, 32), Fraction(23, 32), Fraction(28, 32)]
+GENERIC_BUDGETS = [0.375, 0.25, 0.1875, 0.125]
+GENERIC_PRUNE = 0.03125
+GENERIC_LTP_CHANNEL_FRACTION = Fraction(1, 6)   # D_low as a share of the FFN width
+GENERIC_LTP_RANK_FRACTION = Fraction(1, 4)      # r as a share of D_low
+
+SELECTORS = ("probe", "recent", "norm", "random", "once")
+
+
+@dataclass
+class SPTSConfig:
+    """Options of the `spts` backend. See README "Options" for the meaning of each field."""
+
+    start_layer: int | float | None = None
+    stage_ends: list[int] | None = None
+    budgets: list[Budget] | Budget | None = None
+    prune: list[Budget] | Budget | None = None
+    pap: bool = True
+    ltp: bool = True
+    msdp: bool = True
+    probe_queries: int = 1
+    ltp_channels: int | None = None
+    ltp_rank: int | None = None
+    ltp_rho: float = 0.2
+    calibration: Any = None            # a Calibration, a path to a saved one, or None (weights-only ranking)
+    min_tokens: int | None = None      # prompts shorter than this run dense; default: 1024
+    debug_dir: str | None = None
+    record_selection: bool = False
+    # Beyond the core fields: how tokens are chosen (baselines for the benchmark), the dense clean-up,
+    # and verification by execution.
+    selector: str = "probe"
+    seed: int = 0
+    causal_cleanup: bool = True
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, options: "SPTSConfig | dict | None") -> "SPTSConfig":
+        if options is None:
+            cfg = cls()
+        elif isinstance(options, SPTSConfig):
+            cfg = options
+        elif isinstance(options, dict):
+            valid = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise ValueError(f"spts: unknown option(s) {unknown}; valid options are {valid}")
+            cfg = cls(**options)
+        else:
+            raise ValueError(f"spts: options must be a dict or SPTSConfig, got {type(options).__name__}")
+        if cfg.debug_dir is None and os.environ.get("SPTS_DEBUG_DIR"):
+            cfg = dataclasses.replace(cfg, debug_dir=os.environ["SPTS_DEBUG_DIR"])
+        return cfg
+
+    @property
+    def skipping(self) -> bool:
+        return self.pap or self.ltp or self.msdp
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self) -> None:
+        for name in ("pap", "ltp", "msdp", "record_selection", "causal_cleanup", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"spts: {name} must be a bool, got {getattr(self, name)!r}")
+        _check_layer_index("start_layer", self.start_layer, allow_fraction=True)
+        if self.stage_ends is not None:
+            if not isinstance(self.stage_ends, (list, tuple)) or not self.stage_ends:
+                raise ValueError(f"spts: stage_ends must be a non-empty list of layer indices, got {self.stage_ends!r}")
+            for e in self.stage_ends:
+                _check_layer_index("stage_ends", e, allow_fraction=False)
+            if any(b <= a for a, b in zip(self.stage_ends, self.stage_ends[1:])):
+                raise ValueError(f"spts: stage_ends must be strictly increasing, got {list(self.stage_ends)}")
+            if isinstance(self.start_layer, int) and self.stage_ends[0] < self.start_layer:
+                raise ValueError(f"spts: stage_ends[0]={self.stage_ends[0]} must be >= start_layer={self.start_layer}")
+        for name in ("budgets", "prune"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not items:
+                raise ValueError(f"spts: {name} must not be empty")
+            for v in items:
+                _check_budget(name, v, allow_zero=(name == "prune"))
+        if isinstance(self.budgets, (list, tuple)) and self.stage_ends is not None \
+                and len(self.budgets) != len(self.stage_ends):
+            raise ValueError(f"spts: budgets has {len(self.budgets)} entries but stage_ends has "
+                             f"{len(self.stage_ends)}; give one budget per stage (or a single value)")
+        if isinstance(self.prune, (list, tuple)) and self.stage_ends is not None \
+                and len(self.prune) != len(self.stage_ends):
+            raise ValueError(f"spts: prune has {len(self.prune)} entries but stage_ends has "
+                             f"{len(self.stage_ends)}; give one per stage (or a single value)")
+        _check_int("probe_queries", self.probe_queries, lo=1)
+        if self.ltp_channels is not None:
+            _check_int("ltp_channels", self.ltp_channels, lo=1)
+        if self.ltp_rank is not None:
+            _check_int("ltp_rank", self.ltp_rank, lo=1)
+        if isinstance(self.ltp_rho, bool) or not isinstance(self.ltp_rho, (int, float)) or not 0 < self.ltp_rho <= 1:
+            raise ValueError(f"spts: ltp_rho must be a float in (0, 1], got {self.ltp_rho!r}")
+        if self.min_tokens is not None:
+            _check_int("min_tokens", self.min_tokens, lo=1)
+        if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
+            raise ValueError(f"spts: debug_dir must be a path, got {self.debug_dir!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"spts: selector must be one of {list(SELECTORS)}, got {self.selector!r}")
+        _check_int("seed", self.seed, lo=0)
+
+    # -- resolution against a model ----------------------------------------------------------
+    def resolve(self, depth: int) -> "Schedule":
+        """Fill unset fields from the preset for `depth` layers and check indices against it."""
+        preset = preset_for_depth(depth)
+        start = self.start_layer if self.start_layer is not None else preset["start_layer"]
+        if isinstance(start, float):
+            start = int(start * depth)
+        ends = list(self.stage_ends) if self.stage_ends is not None else list(preset["stage_ends"])
+        if start >= depth:
+            raise ValueError(f"spts: start_layer={start} is past the model's depth; valid range is 0..{depth - 1}")
+        for e in ends:
+            if e >= depth:
+                raise ValueError(f"spts: stage_ends entry {e} is past the model's depth; valid range is "
+                                 f"{start}..{depth - 1}")
+        if ends[0] < start:
+            raise ValueError(f"spts: stage_ends[0]={ends[0]} must be >= start_layer={start}")
+        budgets = _per_stage(self.budgets if self.budgets is not None else preset["budgets"], len(ends), "budgets")
+        prune = _per_stage(self.prune if self.prune is not None else preset["prune"], len(ends), "prune")
+        return Schedule(
+            depth=depth, start_layer=start, stage_ends=ends, budgets=budgets, prune=prune,
+            pap=self.pap, ltp=self.ltp, msdp=self.msdp, probe_queries=self.probe_queries,
+            ltp_channels=self.ltp_channels if self.ltp_channels is not None else preset.get("ltp_channels"),
+            ltp_rank=self.ltp_rank if self.ltp_rank is not None else preset.get("ltp_rank"),
+            min_tokens=self.min_tokens if self.min_tokens is not None else 1024,
+            preset=preset["name"] if self.start_layer is None or self.budgets is None else "user",
+        )
+
+
+@dataclass
+class Schedule:
+    """The config resolved against one model depth: what the planner consumes."""
+
+    depth: int
+    start_layer: int
+    stage_ends: list[int]
+    budgets: list[Budget]
+    prune: list[Budget]
+    pap: bool
+    ltp: bool
+    msdp: bool
+    probe_queries: int
+    ltp_channels: int | None
+    ltp_rank: int | None
+    min_tokens: int
+    preset: str
+    extra: dict = field(default_factory=dict)
+
+    def stage_of(self, layer: int) -> int | None:
+        """Index of the stage a layer belongs to; None for dense layers before start_layer."""
+        if layer < self.start_layer:
+            return None
+        for i, end in enumerate(self.stage_ends):
+            if layer <= end:
+                return i
+        return len(self.stage_ends) - 1  # after the last stage end: keep the last stage's budget
+
+    def is_stage_end(self, layer: int) -> bool:
+        return self.msdp and layer in self.stage_ends
+
+
+def preset_for_depth(depth: int) -> dict[str, Any]:
+    if depth in PAPER_SCHEDULES:
+        return dict(PAPER_SCHEDULES[depth])
+    start = int(GENERIC_START * depth)
+    ends = [max(start, min(depth - 1, int(f * depth))) for f in GENERIC_ENDS]
+    ends = sorted(set(ends))
+    budgets = GENERIC_BUDGETS[-len(ends):] if len(ends) < len(GENERIC_BUDGETS) else list(GENERIC_BUDGETS)
+    return dict(name=f"generic-{depth}", start_layer=start, stage_ends=ends, budgets=budgets,
+                prune=GENERIC_PRUNE, ltp_channels=None, ltp_rank=None)
+
+
+def budget_tokens(budget: Budget, n):
+    """Integer arithmetic on a (possibly symbolic) length: a count stays a count, a fraction p/q of N
+    becomes N * p // q. Never int(frac * N), which would guard on N."""
+    if isinstance(budget, bool):
+        raise ValueError("spts: a budget cannot be a bool")
+    if isinstance(budget, int):
+        return budget
+    frac = Fraction(budget).limit_denominator(1 << 16)
+    return n * frac.numerator // frac.denominator
+
+
+def _per_stage(value, stages: int, name: str) -> list[Budget]:
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * stages
+    if len(items) != stages:
+        raise ValueError(f"spts: {name} has {len(items)} entries for {stages} stages")
+    return items
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"spts: {name} must be an int >= {lo}, got {value!r}")
+
+
+def _check_layer_index(name: str, value, allow_fraction: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"spts: {name} must be a layer index, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"spts: {name} must be >= 0, got {value}")
+        return
+    if allow_fraction and isinstance(value, float):
+        if not 0 <= value < 1:
+            raise ValueError(f"spts: {name} as a fraction of depth must be in [0, 1), got {value}")
+        return
+    kind = "an int layer index or a float fraction of depth in [0, 1)" if allow_fraction else "an int layer index"
+    raise ValueError(f"spts: {name} must be {kind}, got {value!r}")
+
+
+def _check_budget(name: str, value, allow_zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"spts: {name} entries must be an int token count or a float fraction of N, got {value!r}")
+    if isinstance(value, int):
+        if value < 0 or (value == 0 and not allow_zero):
+            lo = 0 if allow_zero else 1
+            raise ValueError(f"spts: {name} entries as token counts must be >= {lo}, got {value}")
+    elif not (0 < value <= 1 or (allow_zero and value == 0)):
+        raise ValueError(f"spts: {name} entries as fractions of N must be in (0, 1], got {value}")
