@@ -1,0 +1,407 @@
+"""An eager reference of SPTS prefill (spts_compile/SEMANTICS.md), written on the Hugging Face modules.
+
+This file is the ground truth the compiled rewrite is tested against, so it is deliberately written
+independently of `spts_compile/` and `passes/`: it reads the HF model's own submodules
+(`model.model.embed_tokens`, `layers[i].input_layernorm`, `self_attn.q_proj`, `mlp.gate_proj`, ...,
+`model.model.norm`, `lm_head`, `model.model.rotary_emb`) and builds the attention mask from first
+principles. The only project code it uses is the schedule (`spts_compile.config`) and the LTP proxy
+(`spts_compile.calibration.build_ltp_proxy` / `proxy_norm`), whose exact values the contract names.
+
+Clarity beats speed: each batch row runs on its own through a Python loop over layers.
+
+Choices where SEMANTICS.md is silent (keep the passes in step with these):
+- top-k ties: among equal scores the later token (larger candidate index) wins. Masked keys score
+  exactly 0, so ties are real (left padding, keys outside a sliding window), and torch.topk makes no
+  promise about them. `select_top` implements the rule.
+- M = max(1, min(budget_tokens(budget, N), C)): a fractional budget that rounds to 0 still keeps the
+  last token.
+- probe rows: `probe_queries` candidate indices last_c - pq + 1 .. last_c, each clamped at 0 (so a
+  short prompt repeats row 0). Probe rows whose token is padding are left out of the mean.
+- with pap=False the FFN score is Cn alone; S_mha is still computed (for pruning and for the record).
+- N < schedule.min_tokens: the whole prefill is dense.
+- a padding query row (which the model's mask leaves with no key at all) attends to itself only
+  (besides any real key it may see), so it stays finite; its values are never compared.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spts_compile.config import Schedule, budget_tokens
+from spts_compile.calibration import build_ltp_proxy, proxy_norm
+
+# HF activation names -> the names `proxy_norm` takes.
+_PROXY_ACT = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+              "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the HF model
+# ---------------------------------------------------------------------------------------------
+def _hidden_act(config) -> str:
+    return getattr(config, "hidden_activation", None) or config.hidden_act
+
+
+def proxy_act(model) -> str:
+    return _PROXY_ACT[_hidden_act(model.config)]
+
+
+def mlp_weights(mlp) -> tuple[Tensor, Tensor, Tensor]:
+    """(W_gate [I, D], W_up [I, D], W_down [D, I]); a fused gate_up_proj is gate first, then up."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return gate, up, mlp.down_proj.weight
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+def build_proxies(model, channels: int, rank: int, importance: list[Tensor] | None = None) -> dict[int, tuple]:
+    """The LTP proxy tensors of every layer, keyed by layer index."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        g, u, d = mlp_weights(layer.mlp)
+        imp = None if importance is None else importance[i]
+        out[i] = build_ltp_proxy(g, u, d, channels=channels, rank=rank, importance=imp).tensors()
+    return out
+
+
+def sliding_window(config, layer: int) -> int | None:
+    """The layer's window: per-layer `layer_types` when the config has them, else `sliding_window`
+    for every layer (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[layer] == "sliding_attention" else None
+    return window
+
+
+def _rope_tables(model, n: int, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [n, rotary_dim] for positions 0..n-1 (HF's default position_ids = arange(N))."""
+    rotary = model.model.rotary_emb
+    pos = torch.arange(n, device=like.device)[None]
+    if "layer_type" in inspect.signature(rotary.forward).parameters:   # Gemma-3: one RoPE per layer type
+        cos, sin = rotary(like, pos, model.config.layer_types[layer])
+    else:
+        cos, sin = rotary(like, pos)
+    return cos[0], sin[0]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [H, T, hd]; cos/sin [T, rd] with rd <= hd (partial rotary leaves the tail alone)."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def _split_heads(t: Tensor, hd: int) -> Tensor:
+    return t.view(t.shape[0], -1, hd)           # [T, H, hd]
+
+
+def _project_q(attn, xn: Tensor) -> Tensor:
+    """Query heads [Hq, T, hd] after q_proj and q_norm, before RoPE."""
+    hd = attn.head_dim
+    if hasattr(attn, "qkv_proj"):
+        q = attn.qkv_proj(xn)[:, : attn.config.num_attention_heads * hd]
+    else:
+        q = attn.q_proj(xn)
+    q = _split_heads(q, hd)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    return q.transpose(0, 1)
+
+
+def _project_kv(attn, xn: Tensor) -> tuple[Tensor, Tensor]:
+    """Key heads (after k_norm, before RoPE) and value heads, each [Hkv, T, hd]."""
+    hd = attn.head_dim
+    if hasattr(attn, "qkv_proj"):
+        qkv = attn.qkv_proj(xn)
+        nq, nkv = attn.config.num_attention_heads * hd, attn.config.num_key_value_heads * hd
+        k, v = qkv[:, nq: nq + nkv], qkv[:, nq + nkv:]
+    else:
+        k, v = attn.k_proj(xn), attn.v_proj(xn)
+    k, v = _split_heads(k, hd), _split_heads(v, hd)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    return k.transpose(0, 1), v.transpose(0, 1)
+
+
+def _norms(layer):
+    """(attention input norm, post-attention output norm or None, FFN input norm, post-FFN norm or None)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):      # Gemma: sandwich norms
+        return (layer.input_layernorm, layer.post_attention_layernorm,
+                layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)
+    return layer.input_layernorm, None, layer.post_attention_layernorm, None
+
+
+def allowed(q_pos: Tensor, k_pos: Tensor, real: Tensor, window: int | None) -> Tensor:
+    """The model's mask between query positions [Tq] and key positions [Tk], from first principles:
+    causal, key is a real token, and inside the sliding window. A query always sees itself, which only
+    changes padding queries (they would otherwise see nothing)."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    ok = (k <= q) & real[k_pos][None, :]
+    if window is not None:
+        ok = ok & (q - k < window)
+    return ok | (q == k)
+
+
+def _attention_probs(q: Tensor, k: Tensor, ok: Tensor, scale: float) -> Tensor:
+    """Softmax weights [Hq, Tq, Tk]; query head h uses KV head h // (Hq / Hkv)."""
+    groups = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(groups, dim=0)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~ok, float("-inf"))
+    return torch.softmax(logits.float(), dim=-1).to(q.dtype)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, ok: Tensor, scale: float) -> Tensor:
+    """Attention output [Tq, Hq * hd]."""
+    probs = _attention_probs(q, k, ok, scale)
+    out = probs @ v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)      # [Hq, Tq, hd]
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+def select_top(scores: Tensor, m: int, always: int) -> Tensor:
+    """Indices of the m highest scores, `always` forced in, ties to the larger index, sorted ascending."""
+    s = scores.clone().float()
+    s[always] = float("inf")
+    c = s.shape[0]
+    # A stable descending sort of the reversed scores puts, among equal scores, the larger index first.
+    order = torch.sort(s.flip(0), descending=True, stable=True).indices
+    return (c - 1 - order[:m]).sort().values
+
+
+def last_positions(attention_mask: Tensor | None, batch: int, n: int) -> list[int]:
+    if attention_mask is None:
+        return [n - 1] * batch
+    out = []
+    for b in range(batch):
+        real = torch.nonzero(attention_mask[b]).flatten()
+        out.append(int(real[-1]) if real.numel() else n - 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, schedule: Schedule,
+                      proxies: dict[int, tuple] | None = None, output_hidden_states: bool = False,
+                      record_blocks: bool = False) -> dict:
+    """SPTS prefill of `input_ids` [B, N] exactly as SEMANTICS.md defines it.
+
+    Returns a dict:
+      logits [B, N, V];
+      hidden_states (only if requested): a tuple shaped like HF's: the embeddings, then each layer's
+        full-length output (latest value of every token), the last one after the final norm, as
+        transformers 5 returns it;
+      kv: per layer (K, V), each [B, Hkv, L_l, hd], K after RoPE at the tokens' original positions;
+      kept: per layer a dict: 'cand' [B, C] candidate positions at the layer's input, 'attn' [B, M]
+        positions that went through attention (= the layer's KV entries), 'ffn' [B, M'] positions that
+        went through the FFN, 's_mha' [B, C] and 's_ffn' [B, C] scores (None where not computed),
+        'pruned' [B, P] positions removed after the layer (empty when none);
+      attention_mask: the mask used (ones when None was given).
+    With `record_blocks`, each 'kept' entry also holds the candidate rows [B, C, D] at the layer's
+    input ('x'), after its attention block ('h') and after its FFN block ('y').
+    Proxies (layer -> proxy tensors) are needed when LTP is on; None builds them from the weights
+    with the schedule's ltp_channels / ltp_rank (or 1/6 of the FFN width and 1/4 of that).
+    """
+    b_size, n = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    layers = model.model.layers
+    depth = len(layers)
+    if schedule.depth != depth:
+        raise ValueError(f"schedule is for {schedule.depth} layers, the model has {depth}")
+    if schedule.ltp and proxies is None:
+        width = mlp_weights(layers[0].mlp)[0].shape[0]
+        channels = schedule.ltp_channels or max(1, width // 6)
+        proxies = build_proxies(model, channels, schedule.ltp_rank or max(1, channels // 4))
+
+    rows = [_prefill_row(model, input_ids[b], attention_mask[b], last, schedule, proxies, record_blocks)
+            for b, last in enumerate(last_positions(attention_mask, b_size, n))]
+
+    def stack(get):
+        return torch.stack([get(r) for r in rows])
+
+    model_ = model.model
+    final = stack(lambda r: r["hidden"][-1])
+    normed = model_.norm(final)
+    logits = model.lm_head(normed)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    out = {"logits": logits, "attention_mask": attention_mask}
+    out["kv"] = [(stack(lambda r: r["kv"][i][0]), stack(lambda r: r["kv"][i][1])) for i in range(depth)]
+    out["kept"] = []
+    for i in range(depth):
+        rec = {}
+        for key in rows[0]["kept"][i]:
+            vals = [r["kept"][i][key] for r in rows]
+            rec[key] = None if vals[0] is None else torch.stack(vals)
+        out["kept"].append(rec)
+    if output_hidden_states:
+        hs = [stack(lambda r: r["hidden"][i]) for i in range(depth + 1)]
+        hs[-1] = normed
+        out["hidden_states"] = tuple(hs)
+    return out
+
+
+def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedule, proxies,
+                 record_blocks: bool = False) -> dict:
+    """One batch row through every layer. Returns per-layer full-length hidden states, KV and selections."""
+    config = model.config
+    n = ids.shape[0]
+    real = am.bool()
+    x = model.model.embed_tokens(ids[None])[0]                   # [N, D]
+    latest = x.clone()                                           # every token's latest value
+    hidden = [latest.clone()]
+    cand = torch.arange(n)
+    x_c = x
+    all_dense = n < schedule.min_tokens
+    act_name = proxy_act(model)
+    kvs, kept = [], []
+
+    for l, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        attn_norm, post_attn_norm, ffn_norm, post_ffn_norm = _norms(layer)
+        window = sliding_window(config, l)
+        cos_all, sin_all = _rope_tables(model, n, l, x)
+        skipping = not all_dense and l >= schedule.start_layer
+        stage = (schedule.stage_of(l) if schedule.msdp else 0) if skipping else None
+        c = cand.shape[0]
+        last_c = int((cand == last_pos).nonzero()[0, 0])
+        m = max(1, min(budget_tokens(schedule.budgets[stage], n), c)) if skipping else c
+
+        # -- attention (PAP) --
+        xn = attn_norm(x_c)
+        k_pre, v_all = _project_kv(attn, xn)
+        k_all = _rope(k_pre, cos_all[cand], sin_all[cand])        # [Hkv, C, hd]
+        s_mha = None
+        if skipping:
+            pq = schedule.probe_queries
+            rows = torch.tensor([max(last_c - pq + 1 + i, 0) for i in range(pq)])
+            rows = rows[real[cand[rows]]] if real[cand[rows]].any() else rows
+            qp = _rope(_project_q(attn, xn[rows]), cos_all[cand[rows]], sin_all[cand[rows]])
+            probs = _attention_probs(qp, k_all, allowed(cand[rows], cand, real, window), attn.scaling)
+            s_mha = probs.float().mean(dim=(0, 1))                # [C]
+        act = select_top(s_mha, m, last_c) if skipping and schedule.pap else torch.arange(c)
+        pos_a = cand[act]
+        q = _rope(_project_q(attn, xn[act]), cos_all[pos_a], sin_all[pos_a])
+        k_act, v_act = k_all[:, act], v_all[:, act]
+        o = attn.o_proj(_attend(q, k_act, v_act, allowed(pos_a, pos_a, real, window), attn.scaling))
+        if post_attn_norm is not None:
+            o = post_attn_norm(o)
+        h_c = x_c.clone()
+        h_c[act] = x_c[act] + o
+        kvs.append((k_act, v_act))
+
+        # -- FFN (LTP) --
+        hn = ffn_norm(h_c)
+        s_ffn = None
+        if skipping and schedule.ltp:
+            cn = proxy_norm(hn, proxies[l], act_name)
+            s_ffn = cn * s_mha if schedule.pap else cn
+            act_f = select_top(s_ffn, m, last_c)
+        else:
+            act_f = torch.arange(c)
+        f = layer.mlp(hn[act_f])
+        if post_ffn_norm is not None:
+            f = post_ffn_norm(f)
+        y_c = h_c.clone()
+        y_c[act_f] = h_c[act_f] + f
+        latest[cand] = y_c
+
+        rec = {"cand": cand.clone(), "attn": pos_a.clone(), "ffn": cand[act_f].clone(),
+               "s_mha": s_mha, "s_ffn": None if s_ffn is None else s_ffn.float()}
+        if record_blocks:
+            rec.update(x=x_c.clone(), h=h_c.clone(), y=y_c.clone())
+
+        # -- stage end (MSDP): prune for good --
+        if skipping and schedule.is_stage_end(l):
+            p = min(budget_tokens(schedule.prune[stage], n), c - 1)
+            keep = select_top(s_mha, c - p, last_c)
+            gone = torch.ones(c, dtype=torch.bool)
+            gone[keep] = False
+            rec["pruned"] = cand[gone].clone()
+            cand, x_c = cand[keep], y_c[keep]
+        else:
+            rec["pruned"] = cand[:0].clone()
+            x_c = y_c
+        kept.append(rec)
+        hidden.append(latest.clone())
+    return {"hidden": hidden, "kv": kvs, "kept": kept}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode on the compacted cache
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_decode(model, ref_out: dict, next_ids: Tensor | int | None = None, steps: int = 8) -> Tensor:
+    """Greedy decoding (batch 1) that continues from the reference's per-layer compacted KV cache.
+
+    Token t (t = 0, 1, ...) sits at position N + t. `next_ids` is the first generated token (default:
+    the argmax of the prefill's last logits); each further token is the argmax after feeding the
+    previous one through every layer, which computes q/k/v for that one token, appends K/V to that
+    layer's cache and attends over all of the layer's entries (minus padding keys and, on sliding
+    layers, keys at least a window behind), with a dense FFN.
+    Returns [1, steps] token ids: what `model.generate(..., max_new_tokens=steps, do_sample=False)`
+    appends to the prompt when the cache is this one.
+    """
+    if ref_out["logits"].shape[0] != 1:
+        raise ValueError("reference_decode handles batch 1 only")
+    config = model.config
+    n = ref_out["logits"].shape[1]
+    real_prompt = ref_out["attention_mask"][0].bool()
+    if next_ids is None:
+        tok = int(ref_out["logits"][0, -1].argmax())
+    else:
+        tok = int(torch.as_tensor(next_ids).flatten()[0])
+    caches = [[k[0], v[0], rec["attn"][0]] for (k, v), rec in zip(ref_out["kv"], ref_out["kept"])]
+    out = [tok]
+    cap = getattr(config, "final_logit_softcapping", None)
+    for t in range(steps - 1):
+        pos = n + t
+        x = model.model.embed_tokens(torch.tensor([[tok]]))[0]     # [1, D]
+        for l, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            attn_norm, post_attn_norm, ffn_norm, post_ffn_norm = _norms(layer)
+            window = sliding_window(config, l)
+            cos_all, sin_all = _rope_tables(model, pos + 1, l, x)
+            cos, sin = cos_all[pos:pos + 1], sin_all[pos:pos + 1]
+            xn = attn_norm(x)
+            q = _rope(_project_q(attn, xn), cos, sin)
+            k_new, v_new = _project_kv(attn, xn)
+            k_new = _rope(k_new, cos, sin)
+            cache = caches[l]
+            cache[0] = torch.cat([cache[0], k_new], dim=1)
+            cache[1] = torch.cat([cache[1], v_new], dim=1)
+            cache[2] = torch.cat([cache[2], torch.tensor([pos])])
+            key_pos = cache[2]
+            ok = torch.ones(1, key_pos.shape[0], dtype=torch.bool)
+            prompt_key = key_pos < n
+            ok[0, prompt_key] = real_prompt[key_pos[prompt_key]]
+            if window is not None:
+                ok &= (pos - key_pos < window)[None]
+            o = attn.o_proj(_attend(q, cache[0], cache[1], ok, attn.scaling))
+            if post_attn_norm is not None:
+                o = post_attn_norm(o)
+            h = x + o
+            f = layer.mlp(ffn_norm(h))
+            if post_ffn_norm is not None:
+                f = post_ffn_norm(f)
+            x = h + f
+        logits = model.lm_head(model.model.norm(x))[0]
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        tok = int(logits.argmax())
+        out.append(tok)
+    return torch.tensor([out])
