@@ -1,0 +1,116 @@
+"""Small queries on Dynamo's torch-level FX graphs, shared by the passes."""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+LINEAR = {torch._C._nn.linear, F.linear}
+SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+SOFTMAX = {F.softmax, torch.softmax}
+ADD = {operator.add, torch.add, operator.iadd}
+MUL = {operator.mul, torch.mul}
+MATMUL = {torch.matmul, operator.matmul}
+ACTIVATIONS = {F.silu: "silu", torch.nn.functional.silu: "silu"}
+
+# "...model.layers.3", "...model.layers[3]" -> prefix, index, rest of the path
+_LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.?layers(?:\.|\[)(?P<idx>\d+)\]?(?P<rest>.*)$")
+
+
+def is_call(node: Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def is_method(node: Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def is_add(node: Node) -> bool:
+    return is_call(node, ADD) or is_method(node, "add")
+
+
+def is_mul(node: Node) -> bool:
+    return is_call(node, MUL) or is_method(node, "mul")
+
+
+def example_value(node):
+    if not isinstance(node, Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def shape_of(node) -> tuple | None:
+    v = example_value(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def module_path(node: Node) -> tuple[int, str | None, str | None] | None:
+    """(layer index, child module name, grandchild name) from nn_module_stack, or None outside layers."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _type in stack.values():
+        m = _LAYER_RE.match(_clean_path(path))
+        if m and m.group("rest") == "":
+            return _child_names(int(m.group("idx")), stack, _clean_path(path))
+    return None
+
+
+def _clean_path(path: str) -> str:
+    # Dynamo writes "L['args'][0].model.layers.0" or "L['self'].model.layers[0]"; keep the attribute path.
+    return re.sub(r"\[(\d+)\]", r".\1", re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", path)).lstrip(".")
+
+
+def _child_names(idx: int, stack, layer_path: str):
+    child = grandchild = None
+    for path, _type in stack.values():
+        p = _clean_path(path)
+        if p.startswith(layer_path + "."):
+            parts = p[len(layer_path) + 1:].split(".")
+            if child is None:
+                child = parts[0]
+            if len(parts) >= 2 and grandchild is None:
+                grandchild = parts[1]
+    return idx, child, grandchild
+
+
+def external_inputs(region: list[Node]) -> list[Node]:
+    """Nodes used by the region but defined outside it, in first-use order."""
+    inside = set(region)
+    seen: dict[Node, None] = {}
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in inside:
+                seen.setdefault(a, None)
+    return list(seen)
+
+
+def region_output(region: list[Node]) -> Node | None:
+    """The last node of the region that is used outside it."""
+    inside = set(region)
+    outs = [n for n in region if any(u not in inside for u in n.users)]
+    return outs[-1] if outs else None
+
+
+def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and (stop is None or a not in stop):
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def is_param_placeholder(node: Node) -> bool:
+    return node.op in ("placeholder", "get_attr") and isinstance(example_value(node), torch.nn.Parameter)
+
+
+def output_nodes(gm) -> list[Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return [a for a in out.all_input_nodes]

@@ -1,0 +1,468 @@
+"""Analysis: find the decoder layers of a Dynamo graph and describe each block as a typed spec.
+
+`nn_module_stack` delimits the regions (layer -> attention / FFN / norms); op patterns inside each region
+then fill in the spec. Anything unexpected raises `Unmatched`, and the layer stays dense with that reason.
+Nothing here trusts placeholder names: weights are found as the arguments of the region's own ops.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from .graph_utils import (ADD, LINEAR, MATMUL, SDPA, SOFTMAX, ancestors, example_value, external_inputs,
+                          is_add, is_call, is_method, is_mul, module_path, output_nodes, region_output,
+                          shape_of)
+
+
+class Unmatched(Exception):
+    """The region does not have a shape this backend knows; the message says what differed."""
+
+
+@dataclass
+class NormSpec:
+    weight: Node
+    eps: Any                 # a float, or the graph node that holds it (dynamic floats)
+    unit_offset: bool        # Gemma's (1 + w)
+    x: Node                  # the norm's input
+    out: Node                # the norm's output
+
+    def args(self):
+        return (self.weight, self.eps, self.unit_offset)
+
+
+@dataclass
+class AttentionSpec:
+    kind: str                # "sdpa" or "eager"
+    norm: NormSpec
+    wq: Node
+    bq: Node | None
+    wk: Node
+    bk: Node | None
+    wv: Node
+    bv: Node | None
+    wo: Node
+    bo: Node | None
+    q_norm: NormSpec | None
+    k_norm: NormSpec | None
+    post_norm: NormSpec | None
+    head_dim: int
+    n_heads: int
+    n_kv_heads: int
+    hidden: int
+    scale: Any
+    cos: Node
+    sin: Node
+    mask: Node | None
+    x_in: Node
+    out: Node                # residual add: x_in + attention output
+    k_out: Node | None       # the KV-cache outputs this layer writes
+    v_out: Node | None
+    core: Node | None = None  # the sdpa node (for the dense clean-up)
+
+
+@dataclass
+class FFNSpec:
+    norm: NormSpec
+    w_gate: Node
+    w_up: Node
+    w_down: Node
+    act: str
+    post_norm: NormSpec | None
+    intermediate: int
+    h_in: Node
+    out: Node                # residual add: h_in + FFN output
+
+
+@dataclass
+class LayerSpec:
+    index: int
+    attn: AttentionSpec | None = None
+    ffn: FFNSpec | None = None
+    reason: str | None = None          # why the layer cannot be rewritten
+    verified: bool = False
+    verify_note: str = ""
+    cache: str = "none"                # "none" (use_cache=False), "fresh" (prefill writes it), "filled", "static"
+
+    @property
+    def matched(self) -> bool:
+        return self.attn is not None and self.ffn is not None and self.reason is None
+
+
+@dataclass
+class GraphAnalysis:
+    layers: list[LayerSpec] = field(default_factory=list)
+    kind: str = "prefill"              # "prefill", "decode", "cached", "none"
+    reason: str | None = None          # why the whole graph stays dense
+    seq_len: Any = None                # N (an int or a SymInt)
+    batch: Any = None
+    seq_source: int | None = None      # index of the placeholder whose dim 1 is N (for run-time dispatch)
+    padding_mask: Node | None = None   # the user's 2D attention mask, if any
+    dtype: torch.dtype | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+def analyse(gm: GraphModule) -> GraphAnalysis:
+    regions = _layer_regions(gm)
+    result = GraphAnalysis()
+    if not regions:
+        result.kind = "none"
+        result.reason = "no decoder layers found in the graph (no nn_module_stack entry named layers.<i>)"
+        return result
+    for idx in sorted(regions):
+        spec = LayerSpec(index=idx)
+        try:
+            spec.attn, spec.cache = _match_attention(gm, regions[idx])
+            spec.ffn = _match_ffn(regions[idx], spec.attn.out)
+        except Unmatched as e:
+            spec.reason = str(e)
+        result.layers.append(spec)
+    _check_chain(result.layers)
+    _classify(gm, result)
+    return result
+
+
+def _layer_regions(gm: GraphModule) -> dict[int, dict[str | None, list[Node]]]:
+    """layer index -> child module name (None: the layer's own ops) -> nodes in graph order."""
+    regions: dict[int, dict[str | None, list[Node]]] = defaultdict(lambda: defaultdict(list))
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        where = module_path(n)
+        if where is None:
+            continue
+        idx, child, grandchild = where
+        regions[idx][child].append(n)
+        regions[idx][(child, grandchild)].append(n)
+    return regions
+
+
+# ------------------------------------------------------------------------------------------------
+# Norms
+# ------------------------------------------------------------------------------------------------
+def _match_norm(region: list[Node], name: str) -> NormSpec:
+    if not region:
+        raise Unmatched(f"{name}: empty region")
+    mean = [n for n in region if is_method(n, "mean") or is_call(n, {torch.mean})]
+    rsqrt = [n for n in region if is_call(n, {torch.rsqrt}) or is_method(n, "rsqrt")]
+    if len(mean) != 1 or len(rsqrt) != 1:
+        raise Unmatched(f"{name}: not an RMSNorm (expected one mean and one rsqrt)")
+    eps_add = next((u for u in mean[0].users if is_add(u)), None)
+    if eps_add is None:
+        raise Unmatched(f"{name}: RMSNorm without an epsilon add")
+    eps = eps_add.args[1] if eps_add.args[0] is mean[0] else eps_add.args[0]
+    ext = external_inputs(region)
+    weights = [a for a in ext if a.op in ("placeholder", "get_attr") and (shape_of(a) or (0, 0))[:1] and len(shape_of(a) or ()) == 1]
+    if len(weights) != 1:
+        raise Unmatched(f"{name}: expected one weight vector, found {len(weights)}")
+    weight = weights[0]
+    pow_in = [n for n in region if is_method(n, "pow") or is_call(n, {torch.pow})]
+    if len(pow_in) != 1:
+        raise Unmatched(f"{name}: expected one pow")
+    x = pow_in[0].args[0]
+    while isinstance(x, Node) and x in set(region) and (is_method(x, "to", "float", "type_as")):
+        x = x.args[0]
+    if not isinstance(x, Node) or x in set(region):
+        raise Unmatched(f"{name}: could not find the norm's input")
+    unit_offset = any(is_add(u) and any(a == 1 or a == 1.0 for a in u.args if not isinstance(a, Node))
+                      for w in [weight] + [u for u in weight.users if is_method(u, "float", "to")]
+                      for u in w.users)
+    out = region_output(region)
+    if out is None:
+        raise Unmatched(f"{name}: no output")
+    return NormSpec(weight=weight, eps=eps, unit_offset=unit_offset, x=x, out=out)
+
+
+def _norm_feeding(regions, layer_children, node: Node, what: str) -> NormSpec:
+    """The norm module whose output is `node`."""
+    for child in layer_children:
+        if child and "norm" in child.lower():
+            region = regions[child]
+            if region and region_output(region) is node:
+                return _match_norm(region, child)
+    raise Unmatched(f"{what}: its input does not come from an RMSNorm module")
+
+
+def _norm_fed_by(regions, layer_children, node: Node) -> NormSpec | None:
+    """A norm module applied directly to `node` (a post-norm), if any."""
+    for child in layer_children:
+        if child and "norm" in child.lower():
+            region = regions[child]
+            if region:
+                try:
+                    spec = _match_norm(region, child)
+                except Unmatched:
+                    continue
+                if spec.x is node:
+                    return spec
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
+def _linears(region: list[Node], regions, child: str) -> dict[str, Node]:
+    out = {}
+    for n in region:
+        if is_call(n, LINEAR):
+            for key, nodes in regions.items():
+                if isinstance(key, tuple) and key[0] == child and n in nodes and key[1]:
+                    out[key[1]] = n
+    return out
+
+
+def _weight_bias(lin: Node) -> tuple[Node, Node | None]:
+    w = lin.args[1] if len(lin.args) > 1 else lin.kwargs.get("weight")
+    b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    return w, b
+
+
+def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
+    children = [c for c in regions if isinstance(c, str) or c is None]
+    attn_child = next((c for c in children if c and "attn" in c.lower()), None)
+    if attn_child is None:
+        raise Unmatched("no attention module in the layer")
+    region = regions[attn_child]
+    if any(n.op == "call_method" and str(n.target).endswith("_") and n.target != "__getitem__" for n in region) \
+            or any(n.op == "call_function" and getattr(n.target, "__name__", "").endswith("_") for n in region):
+        # an in-place write into a preallocated cache (StaticCache and friends)
+        raise Unmatched("the attention writes a preallocated KV cache in place (StaticCache); "
+                        "SPTS cannot compact it")
+    lins = _linears(region, regions, attn_child)
+    if "qkv_proj" in lins:
+        raise Unmatched("fused qkv_proj is not supported yet")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if name not in lins:
+            raise Unmatched(f"attention: no {name} linear (found {sorted(lins)})")
+    wq, bq = _weight_bias(lins["q_proj"])
+    wk, bk = _weight_bias(lins["k_proj"])
+    wv, bv = _weight_bias(lins["v_proj"])
+    wo, bo = _weight_bias(lins["o_proj"])
+    xn = lins["q_proj"].args[0]
+    if lins["k_proj"].args[0] is not xn or lins["v_proj"].args[0] is not xn:
+        raise Unmatched("attention: q/k/v projections do not share one input")
+    norm = _norm_feeding(regions, children, xn, "attention")
+    view = next((u for u in lins["q_proj"].users if is_method(u, "view", "reshape")), None)
+    if view is None:
+        raise Unmatched("attention: q projection is not reshaped into heads")
+    shape = view.args[1] if len(view.args) == 2 and isinstance(view.args[1], (tuple, list)) else view.args[1:]
+    head_dim = shape[-1]
+    if not isinstance(head_dim, int):
+        raise Unmatched("attention: head_dim is not a constant")
+    wq_shape, wk_shape = shape_of(wq), shape_of(wk)
+    n_heads, n_kv = wq_shape[0] // head_dim, wk_shape[0] // head_dim
+    q_norm = _sub_norm(regions, attn_child, "q_norm")
+    k_norm = _sub_norm(regions, attn_child, "k_norm")
+    kind, core, scale, mask = _attention_core(region)
+    cos, sin = _rope_inputs(region, set(_param_like(region)) | {xn, mask})
+    cache, k_out, v_out = _cache_outputs(gm, region, lins["k_proj"], lins["v_proj"])
+    o_node = lins["o_proj"]
+    post_norm = _norm_fed_by(regions, children, o_node)
+    attn_out = post_norm.out if post_norm else o_node
+    residual = next((u for u in attn_out.users if is_add(u) and norm.x in u.args), None)
+    if residual is None:
+        raise Unmatched("attention: no residual add of the block input and the attention output")
+    spec = AttentionSpec(kind=kind, norm=norm, wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo,
+                         q_norm=q_norm, k_norm=k_norm, post_norm=post_norm, head_dim=head_dim,
+                         n_heads=n_heads, n_kv_heads=n_kv, hidden=wq_shape[1], scale=scale, cos=cos,
+                         sin=sin, mask=mask, x_in=norm.x, out=residual, k_out=k_out, v_out=v_out, core=core)
+    return spec, cache
+
+
+def _param_like(region):
+    return [a for a in external_inputs(region) if a.op in ("placeholder", "get_attr")]
+
+
+def _sub_norm(regions, child, name) -> NormSpec | None:
+    region = regions.get((child, name))
+    return _match_norm(region, f"{child}.{name}") if region else None
+
+
+def _attention_core(region: list[Node]):
+    """(kind, core node, scale, mask) from an SDPA call or from the eager matmul-softmax-matmul."""
+    inside = set(region)
+    sdpa = [n for n in region if is_call(n, SDPA)]
+    if len(sdpa) == 1:
+        n = sdpa[0]
+        mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+        scale = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
+        dropout = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+        if dropout not in (0, 0.0):
+            raise Unmatched("attention: dropout is active (is the model in train mode?)")
+        if scale is None:
+            scale = 1.0 / (shape_of(n.args[0])[-1] ** 0.5)
+        return "sdpa", n, scale, _outside(mask, inside)
+    softmax = [n for n in region if is_call(n, SOFTMAX) or is_method(n, "softmax")]
+    if len(softmax) != 1:
+        raise Unmatched("attention: neither one SDPA call nor one softmax")
+    x = softmax[0].args[0]
+    mask = None
+    if is_add(x):
+        a, b = x.args[0], x.args[1]
+        mask, x = (b, a) if isinstance(b, Node) and b not in inside or (isinstance(b, Node) and is_method(b, "__getitem__")) else (a, b)
+        mask = _outside(mask, inside)
+        if mask is None:
+            raise Unmatched("attention: eager mask add with no external mask")
+    if not is_mul(x):
+        raise Unmatched("attention: eager scores are not scaled by a constant")
+    scale = next(a for a in x.args if not (isinstance(a, Node) and is_call(a, MATMUL)))
+    return "eager", softmax[0], scale, mask
+
+
+def _outside(node, inside: set):
+    """Follow slicing inside the region back to the external mask it reads."""
+    while isinstance(node, Node) and node in inside:
+        if is_call(node, {__import__("operator").getitem}) or is_method(node, "__getitem__", "to", "contiguous"):
+            node = node.args[0]
+        else:
+            raise Unmatched("attention: the mask is built inside the attention module")
+    return node
+
+
+def _rope_inputs(region: list[Node], exclude: set) -> tuple[Node, Node]:
+    """The rotary cos and sin: external tensors multiplied into q and k; sin multiplies rotate_half(x)."""
+    cos = sin = None
+    for e in external_inputs(region):
+        if e in exclude or e.op in ("placeholder", "get_attr"):
+            continue
+        uses = [u for u in e.users if u in set(region)]
+        uses = [w for u in uses for w in ([u] if not is_method(u, "unsqueeze") else list(u.users))]
+        muls = [u for u in uses if is_mul(u)]
+        if not muls:
+            continue
+        rotated = any(any(isinstance(a, Node) and is_call(a, {torch.cat}) and
+                          any(isinstance(c, Node) and (c.op == "call_function" and c.target.__name__ == "neg")
+                              for c in a.args[0]) for a in m.args) for m in muls)
+        if rotated:
+            sin = e
+        else:
+            cos = e
+    if cos is None or sin is None:
+        raise Unmatched("attention: could not find rotary cos/sin inputs (rotate-half RoPE expected)")
+    return cos, sin
+
+
+def _cache_outputs(gm, region, k_lin: Node, v_lin: Node):
+    inside = set(region)
+    outs = [n for n in output_nodes(gm) if n in inside]
+    cats = [n for n in region if is_call(n, {torch.cat})]
+    filled = any(a.op == "placeholder" for c in cats for a in c.all_input_nodes)
+    k_out = v_out = None
+    for n in outs:
+        anc = ancestors(n)
+        if k_lin in anc and v_lin not in anc:
+            k_out = n
+        elif v_lin in anc and k_lin not in anc:
+            v_out = n
+    if filled:
+        return "filled", k_out, v_out
+    if outs and (k_out is None or v_out is None):
+        raise Unmatched("attention: graph outputs from the attention that are not its K/V cache")
+    return ("fresh" if k_out is not None else "none"), k_out, v_out
+
+
+# ------------------------------------------------------------------------------------------------
+# FFN
+# ------------------------------------------------------------------------------------------------
+def _match_ffn(regions, h_in: Node) -> FFNSpec:
+    children = [c for c in regions if isinstance(c, str) or c is None]
+    ffn_child = next((c for c in children if c and c.lower() in ("mlp", "feed_forward", "ffn")), None)
+    if ffn_child is None:
+        raise Unmatched("no MLP module in the layer")
+    region = regions[ffn_child]
+    lins = _linears(region, regions, ffn_child)
+    if "gate_up_proj" in lins:
+        raise Unmatched("fused gate_up_proj is not supported yet")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if name not in lins:
+            raise Unmatched(f"FFN: no {name} linear (found {sorted(lins)}); only gated FFNs are supported")
+    w_gate, b_gate = _weight_bias(lins["gate_proj"])
+    w_up, b_up = _weight_bias(lins["up_proj"])
+    w_down, b_down = _weight_bias(lins["down_proj"])
+    if b_gate is not None or b_up is not None or b_down is not None:
+        raise Unmatched("FFN: biased projections are not supported")
+    xn = lins["gate_proj"].args[0]
+    if lins["up_proj"].args[0] is not xn:
+        raise Unmatched("FFN: gate and up projections do not share one input")
+    norm = _norm_feeding(regions, children, xn, "FFN")
+    if norm.x is not h_in:
+        raise Unmatched("FFN: its norm does not read the attention's residual output")
+    act = _activation(region, lins["gate_proj"])
+    post_norm = _norm_fed_by(regions, children, lins["down_proj"])
+    ffn_out = post_norm.out if post_norm else lins["down_proj"]
+    residual = next((u for u in ffn_out.users if is_add(u) and h_in in u.args), None)
+    if residual is None:
+        raise Unmatched("FFN: no residual add of the block input and the FFN output")
+    return FFNSpec(norm=norm, w_gate=w_gate, w_up=w_up, w_down=w_down, act=act, post_norm=post_norm,
+                   intermediate=shape_of(w_gate)[0], h_in=h_in, out=residual)
+
+
+def _activation(region, gate: Node) -> str:
+    for u in gate.users:
+        if u.op == "call_function" and u.target in (F.silu,):
+            return "silu"
+        if u.op == "call_function" and u.target is F.gelu:
+            return "gelu_tanh" if u.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    raise Unmatched("FFN: the gate activation is not silu or gelu")
+
+
+# ------------------------------------------------------------------------------------------------
+def _check_chain(layers: list[LayerSpec]) -> None:
+    """Each layer must read the previous layer's output, so a pruned stream can flow through them."""
+    for prev, cur in zip(layers, layers[1:]):
+        if prev.matched and cur.matched and cur.attn.x_in is not prev.ffn.out:
+            cur.reason = "its input is not the previous layer's output"
+
+
+def _classify(gm: GraphModule, result: GraphAnalysis) -> None:
+    caches = {l.cache for l in result.layers if l.reason is None}
+    if "filled" in caches:
+        result.kind = "cached"
+        result.reason = "the KV cache already holds tokens (decode or chunked prefill): left dense"
+    first = next((l for l in result.layers if l.attn is not None), None)
+    if first is None:
+        return
+    x = example_value(first.attn.x_in)
+    result.batch, result.seq_len = x.shape[0], x.shape[1]
+    result.dtype = x.dtype
+    if isinstance(result.seq_len, int) and result.seq_len == 1 and result.kind == "prefill":
+        result.kind = "decode"
+        result.reason = "query length 1 (decode step): left dense"
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, p in enumerate(placeholders):
+        v = example_value(p)
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == result.seq_len \
+                and not isinstance(v, torch.nn.Parameter) and v.dim() <= 3:
+            if v.dim() == 2 and v.dtype in (torch.long, torch.int32, torch.bool) and result.seq_source is None:
+                result.seq_source = i
+            elif v.dim() == 3 and result.seq_source is None:
+                result.seq_source = i
+    result.padding_mask = _find_padding_mask(gm, first.attn.mask, placeholders)
+
+
+def _find_padding_mask(gm, mask: Node | None, placeholders) -> Node | None:
+    """The user's 2D attention mask among the 4D mask's ancestors, if the mask reads one."""
+    if mask is None:
+        return None
+    anc = ancestors(mask)
+    for p in placeholders:
+        v = example_value(p)
+        if p in anc and isinstance(v, torch.Tensor) and v.dim() == 2 and not isinstance(v, torch.nn.Parameter):
+            return p
+    return None
+
+
+def mask_from_user(mask: Node | None) -> bool:
+    """Does the 4D mask read any tensor the user passed (as opposed to aranges and shapes alone)?"""
+    if mask is None:
+        return False
+    for a in ancestors(mask) | {mask}:
+        if a.op == "placeholder":
+            v = example_value(a)
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.dim() >= 1:
+                return True
+    return False

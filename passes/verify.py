@@ -1,0 +1,137 @@
+"""Verification by execution: the canonical block must reproduce the original region.
+
+The graph is run once, eagerly, on the real example inputs; the values that each matched layer reads
+and writes are captured. Each block's canonical implementation (the runtime helpers the rewrite will
+call, with every candidate active) is then run on the captured inputs and compared with the captured
+outputs. A layer that does not reproduce its region is left dense, and the reason is recorded.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import GraphModule, Node
+
+from spts_compile import runtime as rt
+
+from .locate import GraphAnalysis, LayerSpec
+
+
+class _Capture(torch.fx.Interpreter):
+    def __init__(self, gm: GraphModule, wanted: set[Node]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.wanted = wanted
+        self.values: dict[Node, Any] = {}
+
+    def run_node(self, n: Node):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out.detach() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def concrete(x):
+    """A SymInt example input as the int it stands for."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint)
+    if isinstance(x, torch.SymFloat):
+        return float(x.node.hint)
+    return x
+
+
+def _nodes_of(spec: LayerSpec) -> set[Node]:
+    a, f = spec.attn, spec.ffn
+    nodes = {a.x_in, a.out, a.cos, a.sin, f.out}
+    for extra in (a.mask, a.k_out, a.v_out, a.norm.eps, a.scale):
+        if isinstance(extra, Node):
+            nodes.add(extra)
+    for norm in (a.q_norm, a.k_norm, a.post_norm, f.norm, f.post_norm):
+        if norm is not None and isinstance(norm.eps, Node):
+            nodes.add(norm.eps)
+    return nodes
+
+
+def _value(x, values, params):
+    if isinstance(x, Node):
+        return values[x] if x in values else params[x]
+    return x
+
+
+def _norm_value(norm, values, params):
+    if norm is None:
+        return None
+    return (_value(norm.weight, values, params), _value(norm.eps, values, params), norm.unit_offset)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
+    if got.shape != want.shape:
+        return f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    tol = 1e-4 if want.dtype == torch.float32 else 2e-2
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    if not err <= tol * (1.0 + scale):
+        return f"{what}: max abs error {err:.3g} (tolerance {tol * (1 + scale):.3g})"
+    return None
+
+
+def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[dict, str | None]:
+    """Canonical attention and FFN with every token active, on the captured inputs."""
+    a, f = spec.attn, spec.ffn
+    v = lambda x: _value(x, values, params)  # noqa: E731
+    x = v(a.x_in)
+    cand = rt.initial_candidates(x)
+    last = rt.last_real_position(x, padding_mask)
+    xn = rt.norm_apply(x, _norm_value(a.norm, values, params))
+    qn, kn = _norm_value(a.q_norm, values, params), _norm_value(a.k_norm, values, params)
+    mask = v(a.mask) if a.mask is not None else None
+    k_all, _scores = rt.probe_attention(xn, cand, last, v(a.cos), v(a.sin), mask, v(a.wq), v(a.bq), v(a.wk),
+                                        v(a.bk), qn, kn, a.head_dim, v(a.scale), 1)
+    act = cand
+    delta, k_act, v_act = rt.attend_active(xn, act, cand, k_all, v(a.cos), v(a.sin), mask, v(a.wq), v(a.bq),
+                                           v(a.wv), v(a.bv), v(a.wo), v(a.bo), qn,
+                                           _norm_value(a.post_norm, values, params), a.head_dim, v(a.scale))
+    h = rt.scatter_add_rows(x, act, delta)
+    problems = [_close(h, values[a.out], f"layer {spec.index} attention")]
+    if a.k_out is not None:
+        problems.append(_close(k_act, values[a.k_out], f"layer {spec.index} K cache"))
+        problems.append(_close(v_act, values[a.v_out], f"layer {spec.index} V cache"))
+    h_in = values[a.out]
+    hn = rt.norm_apply(h_in, _norm_value(f.norm, values, params))
+    y = h_in + rt.ffn_rows(hn, v(f.w_gate), v(f.w_up), v(f.w_down), f.act, _norm_value(f.post_norm, values, params))
+    problems.append(_close(y, values[f.out], f"layer {spec.index} FFN"))
+    problems = [p for p in problems if p]
+    return {"h": h, "y": y}, (problems[0] if problems else None)
+
+
+def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: list[LayerSpec]) -> float:
+    """Run the graph once and mark each layer in `layers` verified or not. Returns seconds spent."""
+    t0 = time.perf_counter()
+    if not layers:
+        return 0.0
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = dict(zip(placeholders, example_inputs))
+    wanted = set().union(*(_nodes_of(l) for l in layers))
+    if analysis.padding_mask is not None:
+        wanted.add(analysis.padding_mask)
+    inputs = [concrete(x) for x in example_inputs]
+    interp = _Capture(gm, wanted)
+    try:
+        with torch.no_grad():
+            interp.run(*inputs)
+    except Exception as e:  # the graph itself failed to run eagerly: nothing can be trusted
+        for l in layers:
+            l.verified, l.verify_note = False, f"verification run failed: {type(e).__name__}: {e}"
+        return time.perf_counter() - t0
+    values = interp.values
+    pm = values.get(analysis.padding_mask) if analysis.padding_mask is not None else None
+    for l in layers:
+        try:
+            with torch.no_grad():
+                _, problem = run_canonical_layer(l, values, params, pm)
+        except Exception as e:
+            problem = f"canonical block failed: {type(e).__name__}: {e}"
+        l.verified = problem is None
+        l.verify_note = "reproduces the region" if problem is None else problem
+    return time.perf_counter() - t0

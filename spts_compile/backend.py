@@ -1,0 +1,252 @@
+"""The `spts` torch.compile backend: analyse -> verify -> plan -> rewrite -> Inductor.
+
+`spts_backend(gm, example_inputs, *, mode=None, options=None)` receives Dynamo's torch-level FX graph.
+Anything it cannot match falls back to plain Inductor with one warning that names the reason.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._inductor.compile_fx import compile_fx
+
+from .config import SPTSConfig
+from .passes import cleanup, locate, plan as planning, rewrite as rewriting, verify as verifying
+from .passes.locate import GraphAnalysis
+from . import calibration as calib
+from . import report as reporting
+
+log = logging.getLogger("spts_compile")
+
+_warned: set[str] = set()
+_LAST: dict[str, Any] = {"plan": None, "selection": None}
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+@dataclass
+class CompileRecord:
+    """What one backend call found and did; written to the dumps and returned by `last_plan()`."""
+
+    graph_id: int
+    kind: str = "prefill"
+    reason: str | None = None
+    analysis: GraphAnalysis | None = None
+    plan: Any = None
+    schedule: Any = None
+    seq_len: Any = None
+    verify_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    ltp_mode: str | None = None
+    cleanup_layers: list[int] = field(default_factory=list)
+    rewritten_layers: list[int] = field(default_factory=list)
+
+
+_graph_counter = 0
+
+
+def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
+    """Compile a Dynamo graph with SPTS token skipping applied to its decoder layers."""
+    global _graph_counter
+    cfg = SPTSConfig.from_options(options)  # bad options raise here, before any work
+    if mode not in (None, "default"):
+        raise ValueError(f"spts: mode={mode!r} is not supported; pass settings through options=")
+    _graph_counter += 1
+    record = CompileRecord(graph_id=_graph_counter)
+    t0 = time.perf_counter()
+    before = gm.code if cfg.debug_dir else None
+    work = _clone(gm)  # Dynamo reads its own graph after we return: never edit it in place
+    try:
+        compiled = _compile(work, example_inputs, cfg, record)
+    except Exception as e:  # never crash the user's model on an analysis problem: fall back to dense
+        _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
+        log.debug("spts: analysis failure", exc_info=True)
+        record.kind, record.reason = "fallback", f"{type(e).__name__}: {e}"
+        compiled = compile_fx(gm, example_inputs)
+    record.compile_seconds = time.perf_counter() - t0
+    if cfg.debug_dir:
+        reporting.write_dump(cfg.debug_dir, record, before, work)
+    return compiled
+
+
+def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph module that keeps what AOTAutograd reads from it."""
+    graph = copy.deepcopy(gm.graph)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, node in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
+    return new
+
+
+def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
+    analysis = locate.analyse(gm)
+    record.analysis, record.kind, record.seq_len = analysis, analysis.kind, analysis.seq_len
+    if analysis.kind == "none":
+        _warn_once(f"spts: no decoder layers matched, compiling with plain Inductor: {analysis.reason}")
+        record.reason = analysis.reason
+        return compile_fx(gm, example_inputs)
+    unmatched = [l for l in analysis.layers if not l.matched]
+    if unmatched and len(unmatched) == len(analysis.layers):
+        _warn_once(f"spts: no decoder layer could be matched (layer {unmatched[0].index}: {unmatched[0].reason}); "
+                   "compiling with plain Inductor")
+        record.reason = unmatched[0].reason
+        return compile_fx(gm, example_inputs)
+    schedule = cfg.resolve(len(analysis.layers))
+    record.schedule = schedule
+    static_n = analysis.seq_len if isinstance(analysis.seq_len, int) else None
+    skipping = cfg.skipping and analysis.kind == "prefill"
+    if skipping and static_n is not None and static_n < schedule.min_tokens:
+        skipping = False
+        record.reason = f"prompt of {static_n} tokens is shorter than min_tokens={schedule.min_tokens}: dense"
+    elif analysis.kind != "prefill":
+        record.reason = analysis.reason
+    # Verify the layers we will touch: the skipping range, and dense layers the clean-up may rewrite.
+    first_skip = None
+    to_verify = [l for l in analysis.layers if l.matched and (
+        (skipping and l.index >= schedule.start_layer) or (cfg.causal_cleanup and cleanup.wants(l)))]
+    if cfg.verify:
+        record.verify_seconds = verifying.verify(gm, analysis, example_inputs, to_verify)
+    else:
+        for l in to_verify:
+            l.verified, l.verify_note = True, "verification disabled"
+    if skipping:
+        first_skip = _first_skipping_layer(analysis, schedule.start_layer)
+        if first_skip is None:
+            bad = next(l for l in analysis.layers[::-1] if not (l.matched and l.verified))
+            _warn_once(f"spts: no layer can skip (layer {bad.index}: {bad.reason or bad.verify_note}); dense Inductor")
+    plan = planning.make_plan(analysis, schedule, first_skip)
+    record.plan = plan
+    dense_gm = None
+    if first_skip is not None and isinstance(analysis.seq_len, torch.SymInt) and schedule.min_tokens > 1:
+        dense_gm = _clone(gm)  # short prompts at run time take the dense graph
+    params = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    proxies, watched = {}, []
+    if first_skip is not None and schedule.ltp:
+        proxies, watched, record.ltp_mode = _build_proxies(analysis, plan, cfg, params)
+    if cfg.causal_cleanup:
+        record.cleanup_layers = cleanup.apply(gm, analysis, plan)
+    result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
+    if result is not None:
+        record.rewritten_layers = result.rewritten_layers
+    _LAST["plan"] = record
+    extra = result.extra_inputs if result is not None else []
+    compiled = compile_fx(gm, list(example_inputs) + list(extra))
+    dense = None
+    if dense_gm is not None:
+        if cfg.causal_cleanup:
+            cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis)
+        dense = compile_fx(dense_gm, example_inputs)
+    if result is None and dense is None:
+        return compiled
+    return _Runner(compiled, dense, analysis.seq_source, schedule.min_tokens, result, watched, gm, cfg)
+
+
+def _first_skipping_layer(analysis: GraphAnalysis, start: int) -> int | None:
+    """Skipping needs every layer from the first skipping one to the last to be matched and verified."""
+    first = None
+    for l in reversed(analysis.layers):
+        if l.index < start:
+            break
+        if not (l.matched and l.verified):
+            break
+        first = l.index
+    return first
+
+
+def _build_proxies(analysis, plan, cfg: SPTSConfig, params):
+    calibration = calib.resolve_calibration(cfg.calibration)
+    ffns = [l.ffn for l in analysis.layers]
+    if calibration is not None:
+        calibration.check_fits(len(ffns), analysis.layers[0].attn.hidden, [f.intermediate for f in ffns])
+    proxies, watched = {}, []
+    for spec, lp in zip(analysis.layers, plan.layers):
+        if lp.mode != "skip":
+            continue
+        f = spec.ffn
+        w_gate, w_up, w_down = params[f.w_gate], params[f.w_up], params[f.w_down]
+        channels, rank = planning.ltp_dims(plan.schedule, f.intermediate, spec.attn.hidden)
+        importance = calibration.importance_for(spec.index) if calibration is not None else None
+        proxy = calib.build_ltp_proxy(w_gate, w_up, w_down, channels=channels, rank=rank, importance=importance)
+        proxies[spec.index] = tuple(t.contiguous() for t in proxy.tensors())
+        watched.append(_ProxyWatch(spec.index, (w_gate, w_up, w_down), channels, rank, importance))
+    return proxies, watched, ("calibration" if calibration is not None else "weights")
+
+
+@dataclass
+class _ProxyWatch:
+    """Rebuilds a layer's LTP proxy in place when its FFN weights change after compiling."""
+
+    layer: int
+    weights: tuple
+    channels: int
+    rank: int
+    importance: Any
+    versions: tuple = ()
+
+    def __post_init__(self):
+        self.versions = tuple(w._version for w in self.weights)
+
+    def stale(self) -> bool:
+        return tuple(w._version for w in self.weights) != self.versions
+
+
+class _Runner:
+    """The callable handed back to Dynamo: dispatches short prompts to the dense graph, strips the
+    selection-recording outputs, and keeps LTP proxies in step with the weights."""
+
+    def __init__(self, compiled, dense, seq_source, min_tokens, result, watched, gm, cfg):
+        self.compiled, self.dense = compiled, dense
+        self.seq_source, self.min_tokens = seq_source, min_tokens
+        self.n_records = len(result.record_names) if result else 0
+        self.record_names = result.record_names if result else []
+        self.watched = watched
+        self.extra = list(result.extra_inputs) if result else []
+        self.buffers = {l: [self.extra[i] for i in pos] for l, pos in result.proxy_buffers.items()} if result else {}
+
+    def __call__(self, *args):
+        if self.dense is not None and self.seq_source is not None:
+            n = args[self.seq_source].shape[1]
+            if n < self.min_tokens:
+                return self.dense(*args)
+        self._refresh_proxies()
+        out = self.compiled(*args, *self.extra) if self.extra else self.compiled(*args)
+        if self.n_records:
+            out, kept = list(out[:-self.n_records]), out[-self.n_records:]
+            _LAST["selection"] = [{"layer": l, "block": blk, "active": t}
+                                  for (l, blk), t in zip(self.record_names, kept)]
+        return out
+
+    def _refresh_proxies(self):
+        for w in self.watched:
+            if w.stale():
+                proxy = calib.build_ltp_proxy(*w.weights, channels=w.channels, rank=w.rank, importance=w.importance)
+                with torch.no_grad():
+                    for dst, src in zip(self.buffers[w.layer], proxy.tensors()):
+                        dst.copy_(src)
+                w.versions = tuple(x._version for x in w.weights)
+                log.info("spts: layer %d FFN weights changed since compiling; rebuilt its LTP proxy", w.layer)
+
+
+def last_plan() -> dict | None:
+    """A summary of the most recently compiled prefill graph's plan (FLOPs, KV tokens, layers)."""
+    rec = _LAST["plan"]
+    return None if rec is None else reporting.summary(rec)
+
+
+def recorded_selection() -> list[dict] | None:
+    """With `record_selection=True`: per layer and block, the original positions of the active tokens
+    of the most recent call."""
+    return _LAST["selection"]

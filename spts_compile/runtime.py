@@ -1,0 +1,256 @@
+"""Plain PyTorch helpers that the rewritten graph calls.
+
+Each skipping block becomes a short chain of calls to these functions (probe -> select -> gather ->
+block on active rows -> scatter). They are ordinary tensor code: AOTAutograd traces through them and
+Inductor fuses them, exactly as it would the model's own code. Sizes are computed with `torch.sym_min`
+and integer arithmetic so that a symbolic sequence length never guards.
+
+Shapes: x [B, C, D] rows of the residual stream (C candidates), `cand` [B, C] the candidates' original
+positions, `idx` [B, M] indices into the candidate list, cos/sin [B|1, N, hd] indexed by original position,
+`mask` the model's own 4D mask [B|1, 1|H, N, N] (bool, or additive float), or None for plain causal.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import budget_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Row bookkeeping
+# ---------------------------------------------------------------------------------------------
+def _expand_index(idx: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = list(like.shape)
+    shape[0] = idx.shape[0]
+    shape[dim] = idx.shape[1]
+    view = [idx.shape[0]] + [1] * (like.dim() - 1)
+    view[dim] = idx.shape[1]
+    return idx.reshape(view).expand(shape)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x[b, idx[b, i], ...] along `dim`; a batch-1 x is broadcast over idx's rows."""
+    if x.shape[0] != idx.shape[0]:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    return torch.gather(x, dim, _expand_index(idx, x, dim))
+
+
+def scatter_add_rows(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A copy of x with delta added at rows idx. Rows outside idx are x, bit for bit."""
+    return x.scatter_add(1, _expand_index(idx, x, 1), delta)
+
+
+def scatter_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of base with rows written at idx (restores pruned-stream rows to full length)."""
+    return base.scatter(1, _expand_index(idx, base, 1), rows)
+
+
+def initial_candidates(x: torch.Tensor) -> torch.Tensor:
+    """Every position is a candidate: [B, N] = arange(N) per row."""
+    b, n = x.shape[0], x.shape[1]
+    return torch.arange(n, device=x.device).unsqueeze(0).expand(b, n)
+
+
+def last_real_position(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B] position of each row's last real token: from the 2D attention mask, else N - 1."""
+    b, n = x.shape[0], x.shape[1]
+    if padding_mask is None:
+        return torch.full((b,), n - 1, dtype=torch.long, device=x.device)
+    pos = torch.arange(n, device=x.device).unsqueeze(0)
+    return torch.where(padding_mask.bool(), pos, torch.zeros_like(pos)).amax(dim=1)
+
+
+def locate_in_candidates(cand: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """[B] index of `position[b]` inside the sorted candidate list cand[b] (it is always present)."""
+    return (cand <= position.unsqueeze(1)).sum(dim=1) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The block's own math, on any subset of rows
+# ---------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps, unit_offset: bool) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:  # Gemma: (1 + w), applied in float32
+        return (xf * (1.0 + weight.to(torch.float32))).to(x.dtype)
+    return weight * xf.to(x.dtype)
+
+
+def norm_apply(x: torch.Tensor, norm) -> torch.Tensor:
+    """`norm` is (weight, eps, unit_offset) or None."""
+    if norm is None:
+        return x
+    weight, eps, unit_offset = norm
+    return rms_norm(x, weight, eps, unit_offset)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [B, T, hd] already gathered at the rows' original positions."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def project_heads(x: torch.Tensor, weight, bias, head_dim: int, norm) -> torch.Tensor:
+    """[B, T, D] -> [B, H, T, hd], with the optional per-head q/k norm."""
+    y = F.linear(x, weight, bias)
+    y = y.view(x.shape[0], x.shape[1], -1, head_dim)
+    y = norm_apply(y, norm)
+    return y.transpose(1, 2)
+
+
+def mask_block(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """The model's mask entries between query positions q_pos [B, Q] and key positions k_pos [B, K]."""
+    b = q_pos.shape[0]
+    m = mask.expand(b, *mask.shape[1:])
+    m = gather_rows(m, q_pos, dim=2)
+    return gather_rows(m, k_pos, dim=3)
+
+
+def _bias_from_mask(m: torch.Tensor, dtype) -> torch.Tensor:
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+    return m.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# PAP: probe, select, attend on active rows
+# ---------------------------------------------------------------------------------------------
+def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_norm,
+                    head_dim: int, scale, probe_queries: int):
+    """Post-RoPE K for every candidate and the PAP score S_mha [B, C] of each candidate: the softmax
+    weight the last real token's query (or the last `probe_queries` ones) gives it, averaged over heads."""
+    b, c = xn.shape[0], xn.shape[1]
+    k = project_heads(xn, wk, bk, head_dim, k_norm)
+    k = apply_rope(k, gather_rows(cos, cand), gather_rows(sin, cand))
+    offsets = torch.arange(probe_queries - 1, -1, -1, device=xn.device)
+    probe_idx = (last_c.unsqueeze(1) - offsets.unsqueeze(0)).clamp(min=0)          # [B, P]
+    probe_pos = cand.gather(1, probe_idx)
+    q = project_heads(gather_rows(xn, probe_idx), wq, bq, head_dim, q_norm)
+    q = apply_rope(q, gather_rows(cos, probe_pos), gather_rows(sin, probe_pos))    # [B, Hq, P, hd]
+    hq, hkv = q.shape[1], k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, probe_queries, head_dim).to(torch.float32)
+    logits = torch.einsum("bgrpd,bgcd->bgrpc", qg, k.to(torch.float32)) * scale
+    if mask is not None:
+        bias = _bias_from_mask(mask_block(mask, probe_pos, cand), torch.float32)   # [B, 1|H, P, C]
+        bias = bias.reshape(b, -1, 1, probe_queries, c) if bias.shape[1] == 1 else \
+            bias.reshape(b, hkv, hq // hkv, probe_queries, c)
+        logits = logits + bias
+    else:  # plain causal: candidate j is visible to probe row i iff j <= i (candidates are sorted)
+        visible = torch.arange(c, device=xn.device).view(1, 1, 1, 1, c) <= probe_idx.view(b, 1, 1, -1, 1)
+        logits = logits.masked_fill(~visible, float("-inf"))
+    scores = torch.softmax(logits, dim=-1).mean(dim=(1, 2, 3))                     # [B, C]
+    return k, scores
+
+
+def top_rows(scores, last_c, m):
+    """Indices of the m highest scores per row, the last real token forced in, sorted ascending so that
+    causal order holds among them. Ties go to the later token (masked keys score exactly 0, so ties are
+    real): a stable descending sort of the reversed scores."""
+    c = scores.shape[1]
+    forced = scores.scatter(1, last_c.unsqueeze(1), float("inf"))
+    order = torch.sort(forced.flip(1), dim=1, descending=True, stable=True).indices[:, :m]
+    return (c - 1 - order).sort(dim=1).values
+
+
+def select_active(scores, last_c, budget, n_ref):
+    """Top-M rows, M = max(1, min(budget tokens of N, C)), with N = n_ref.shape[-1]."""
+    m = torch.sym_max(1, torch.sym_min(budget_tokens(budget, n_ref.shape[-1]), scores.shape[1]))
+    return top_rows(scores, last_c, m)
+
+
+def attend_active(xa, act, cand, k_all, cos, sin, mask, wq, bq, wv, bv, wo, bo, q_norm, post_norm,
+                  head_dim: int, scale):
+    """The attention block on the active rows only. Returns (delta [B, M, D], K_act, V_act)."""
+    pos = cand.gather(1, act)
+    q = project_heads(xa, wq, bq, head_dim, q_norm)
+    q = apply_rope(q, gather_rows(cos, pos), gather_rows(sin, pos))
+    k = gather_rows(k_all, act, dim=2)
+    v = project_heads(xa, wv, bv, head_dim, None)
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_block(mask, pos, pos), scale=scale,
+                                             enable_gqa=gqa)
+    out = out.transpose(1, 2).reshape(xa.shape[0], xa.shape[1], -1)
+    delta = norm_apply(F.linear(out, wo, bo), post_norm)
+    return delta, k, v
+
+
+def attend_all(x, cos, sin, mask, wq, bq, wk, bk, wv, bv, wo, bo, norm, q_norm, k_norm, post_norm,
+               head_dim: int, scale):
+    """The whole attention block on every row, with SDPA (plain causal when mask is None).
+    Returns (x + attention output, K, V): the dense form used by the clean-up."""
+    xn = norm_apply(x, norm)
+    q = apply_rope(project_heads(xn, wq, bq, head_dim, q_norm), cos, sin)
+    k = apply_rope(project_heads(xn, wk, bk, head_dim, k_norm), cos, sin)
+    v = project_heads(xn, wv, bv, head_dim, None)
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         enable_gqa=gqa)
+    out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return x + norm_apply(F.linear(out, wo, bo), post_norm), k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# LTP: proxy score, FFN on active rows
+# ---------------------------------------------------------------------------------------------
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "silu":
+        return F.silu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act == "gelu":
+        return F.gelu(x)
+    raise ValueError(f"spts: unknown FFN activation {act!r}")
+
+
+def ltp_scores(hn, gate_in, gate_out, up_in, up_out, down, act: str, attn_scores):
+    """S_ffn = ||proxy(hn)|| (times the layer's PAP score when there is one)."""
+    g = F.linear(F.linear(hn, gate_in), gate_out)
+    u = F.linear(F.linear(hn, up_in), up_out)
+    proxy = F.linear(activation(g, act) * u, down)
+    score = proxy.to(torch.float32).norm(dim=-1)
+    return score if attn_scores is None else score * attn_scores
+
+
+def ffn_rows(ha, w_gate, w_up, w_down, act: str, post_norm):
+    """The gated FFN on the given rows."""
+    y = F.linear(activation(F.linear(ha, w_gate), act) * F.linear(ha, w_up), w_down)
+    return norm_apply(y, post_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# MSDP: prune at a stage end
+# ---------------------------------------------------------------------------------------------
+def prune_keep(scores, last_c, prune, n_ref):
+    """Indices (into the candidate list) of the candidates that survive a stage end."""
+    c = scores.shape[1]
+    p = torch.sym_min(budget_tokens(prune, n_ref.shape[-1]), c - 1)
+    return top_rows(scores, last_c, c - p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline selectors (benchmarks only): the same budgets, simpler rules
+# ---------------------------------------------------------------------------------------------
+def baseline_scores(kind: str, x_c, cand, layer: int, seed: int):
+    if kind == "recent":
+        return cand.to(torch.float32)
+    if kind == "norm":
+        return x_c.to(torch.float32).norm(dim=-1)
+    if kind == "random":  # a fixed hash of (position, layer): deterministic and graph-friendly
+        h = torch.sin(cand.to(torch.float64) * 12.9898 + (layer * 78.233 + seed * 3.7)) * 43758.5453
+        return (h - torch.floor(h)).to(torch.float32)
+    raise ValueError(f"spts: unknown selector {kind!r}")
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
