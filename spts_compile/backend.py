@@ -67,6 +67,8 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
     work = _clone(gm)  # Dynamo reads its own graph after we return: never edit it in place
     try:
         compiled = _compile(work, example_inputs, cfg, record)
+    except (PaddedCacheError, torch._dynamo.exc.TorchDynamoException):
+        raise  # refusals, and Dynamo's own control flow (e.g. restart analysis), are not ours to swallow
     except Exception as e:  # never crash the user's model on an analysis problem: fall back to dense
         _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
         log.debug("spts: analysis failure", exc_info=True)
@@ -129,6 +131,12 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
             _warn_once(f"spts: no layer can skip (layer {bad.index}: {bad.reason or bad.verify_note}); dense Inductor")
     plan = planning.make_plan(analysis, schedule, first_skip)
     record.plan = plan
+    compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector == "once") and \
+        any(l.attn.k_out is not None for l in analysis.layers if l.matched)
+    if compacts_cache and analysis.padding_mask is not None:
+        pm = params_value(gm, example_inputs, analysis.padding_mask)
+        if pm is not None and pm.shape[0] > 1 and not bool(pm.bool().all()):
+            raise PaddedCacheError(PADDED_CACHE_MESSAGE)
     dense_gm = None
     if first_skip is not None and isinstance(analysis.seq_len, torch.SymInt) and schedule.min_tokens > 1:
         dense_gm = _clone(gm)  # short prompts at run time take the dense graph
@@ -142,8 +150,8 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
     if result is not None:
         record.rewritten_layers = result.rewritten_layers
     _LAST["plan"] = record
-    extra = result.extra_inputs if result is not None else []
-    compiled = compile_fx(gm, list(example_inputs) + list(extra))
+    extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
+    compiled = compile_fx(gm, list(example_inputs) + extra)
     dense = None
     if dense_gm is not None:
         if cfg.causal_cleanup:
@@ -151,7 +159,41 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
         dense = compile_fx(dense_gm, example_inputs)
     if result is None and dense is None:
         return compiled
-    return _Runner(compiled, dense, analysis.seq_source, schedule.min_tokens, result, watched, gm, cfg)
+    pad_index = _placeholder_index(gm, analysis.padding_mask) if compacts_cache else None
+    return _Runner(compiled, dense, analysis.seq_source, schedule.min_tokens, result, watched, pad_index)
+
+
+PADDED_CACHE_MESSAGE = (
+    "spts: a padded batch (batch > 1 with padding in attention_mask) cannot keep a KV cache for decoding: "
+    "each row keeps different tokens, while the decode step's mask assumes one length for every row. "
+    "Run it as batch 1 (one prompt at a time), pass use_cache=False for a prefill-only pass, or disable "
+    "cache compaction with options={'pap': False, 'msdp': False}.")
+
+
+class PaddedCacheError(ValueError):
+    """A padded batch asked for a compacted KV cache: refused, with how to run it instead."""
+
+
+def _placeholder_index(gm, node) -> int | None:
+    if node is None:
+        return None
+    return [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+
+
+def params_value(gm, example_inputs, node):
+    i = _placeholder_index(gm, node)
+    return None if i is None else example_inputs[i]
+
+
+def _static_fakes(tensors, example_inputs) -> list:
+    """Example values for the extra (proxy) inputs: fake tensors of fixed shape in Dynamo's fake mode, so
+    that a dynamic compile does not make symbols for them (they have no Dynamo source to guard on)."""
+    if not tensors:
+        return []
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return list(tensors)
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _first_skipping_layer(analysis: GraphAnalysis, start: int) -> int | None:
@@ -207,8 +249,9 @@ class _Runner:
     """The callable handed back to Dynamo: dispatches short prompts to the dense graph, strips the
     selection-recording outputs, and keeps LTP proxies in step with the weights."""
 
-    def __init__(self, compiled, dense, seq_source, min_tokens, result, watched, gm, cfg):
+    def __init__(self, compiled, dense, seq_source, min_tokens, result, watched, pad_index):
         self.compiled, self.dense = compiled, dense
+        self.pad_index = pad_index
         self.seq_source, self.min_tokens = seq_source, min_tokens
         self.n_records = len(result.record_names) if result else 0
         self.record_names = result.record_names if result else []
@@ -221,6 +264,10 @@ class _Runner:
             n = args[self.seq_source].shape[1]
             if n < self.min_tokens:
                 return self.dense(*args)
+        if self.pad_index is not None:
+            pm = args[self.pad_index]
+            if pm.shape[0] > 1 and not bool(pm.bool().all()):
+                raise PaddedCacheError(PADDED_CACHE_MESSAGE)
         self._refresh_proxies()
         out = self.compiled(*args, *self.extra) if self.extra else self.compiled(*args)
         if self.n_records:

@@ -1,0 +1,21 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Nothing may download at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch._dynamo.config.cache_size_limit = 64
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test sees the backend's one-time warnings afresh."""
+    import spts_compile.backend as backend
+    backend._warned.clear()
+    yield

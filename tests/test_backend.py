@@ -1,0 +1,294 @@
+"""The backend as a product: registration, options, fallback, dumps, the dense clean-up, verification,
+and the cases it must refuse or leave dense. Each test compares against an independent result."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import spts_compile
+from spts_compile import runtime
+from tiny_models import make_inputs, make_model
+
+SKIP_OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1)
+
+
+def compile_fn(fn, **options):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="spts", options=options)
+
+
+def inductor(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="inductor")
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
+def test_entry_point_in_a_fresh_interpreter_without_import():
+    code = (
+        "import torch, sys\n"
+        "fn = torch._dynamo.lookup_backend('spts')\n"
+        "assert fn.__module__ == 'spts_compile.backend', fn.__module__\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "x = torch.randn(2, 4)\n"
+        "out = torch.compile(m, backend='spts')(x)\n"
+        "assert torch.allclose(out, m(x), atol=1e-6)\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_import_registers_and_twice_is_harmless():
+    import importlib
+    importlib.reload(spts_compile)
+    importlib.reload(spts_compile)
+    assert torch._dynamo.lookup_backend("spts") is not None
+    code = "import spts_compile, spts_compile, torch; print(torch._dynamo.lookup_backend('spts').__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "spts_backend", res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, field", [
+    ({"budget": [1]}, "unknown option"),
+    ({"pap": "yes"}, "pap"),
+    ({"budgets": [0]}, "budgets"),
+    ({"budgets": [-3]}, "budgets"),
+    ({"budgets": [1.5]}, "budgets"),
+    ({"prune": -1}, "prune"),
+    ({"stage_ends": [5, 3]}, "stage_ends"),
+    ({"stage_ends": [2, 3], "budgets": [8]}, "budgets"),
+    ({"start_layer": -1}, "start_layer"),
+    ({"probe_queries": 0}, "probe_queries"),
+    ({"ltp_rho": 0.0}, "ltp_rho"),
+    ({"min_tokens": "many"}, "min_tokens"),
+    ({"selector": "best"}, "selector"),
+])
+def test_bad_options_name_the_field(options, field):
+    with pytest.raises(ValueError, match=field):
+        spts_compile.SPTSConfig.from_options(options)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        spts_compile.SPTSConfig.from_options({"budgetz": 3})
+    for name in ("start_layer", "stage_ends", "budgets", "prune", "pap", "ltp", "msdp", "probe_queries",
+                 "ltp_channels", "ltp_rank", "ltp_rho", "calibration", "min_tokens", "debug_dir",
+                 "record_selection"):
+        assert name in str(info.value)
+
+
+def test_stage_ends_past_the_depth_are_rejected():
+    with pytest.raises(ValueError, match="stage_ends"):
+        spts_compile.SPTSConfig(stage_ends=[2, 9]).resolve(4)
+    with pytest.raises(ValueError, match="start_layer"):
+        spts_compile.SPTSConfig(start_layer=7).resolve(4)
+
+
+def test_bad_options_reach_the_user_through_torch_compile():
+    m = nn.Linear(4, 4)
+    f = compile_fn(m, budgets=[0])
+    with pytest.raises(Exception, match="budgets"):
+        f(torch.randn(2, 4))
+
+
+def test_presets_reproduce_the_papers_schedules():
+    s = spts_compile.SPTSConfig().resolve(32)
+    assert (s.start_layer, s.stage_ends, s.budgets, s.prune) == (10, [13, 18, 23, 28], [9216, 7168, 4096, 2048],
+                                                                [1024] * 4)
+    s = spts_compile.SPTSConfig().resolve(28)
+    assert (s.start_layer, s.stage_ends, s.budgets[0], s.prune[0]) == (9, [12, 16, 20, 24], 13312, 2048)
+    s = spts_compile.SPTSConfig().resolve(26)
+    assert (s.start_layer, s.stage_ends, s.budgets[-1]) == (11, [13, 16, 19, 22], 4096)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fallback: graphs without decoder layers, and decoders of an unfamiliar shape
+# ------------------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    """A GPT-2-like block: LayerNorm, single-matrix attention via softmax, GELU MLP."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.Linear(d, 3 * d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        q, k, v = self.attn(self.ln1(x)).chunk(3, dim=-1)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.mlp(self.ln2(x))
+
+
+class _Decoder(nn.Module):
+    def __init__(self, d=32, n=2):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block(d) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("model, x", [
+    (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), torch.randn(3, 8)),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()), torch.randn(2, 3, 8, 8)),
+    (_Decoder(), torch.randn(1, 12, 32)),
+], ids=["mlp", "conv", "unfamiliar-decoder"])
+def test_unmatched_graphs_fall_back_to_inductor_with_one_warning(model, x, caplog):
+    model.eval()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="spts_compile"):
+        f = compile_fn(model, min_tokens=1)
+        got = f(x)
+        got2 = f(x)
+    torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got2, got)
+    warnings = [r for r in caplog.records if r.name == "spts_compile" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "plain Inductor" in warnings[0].getMessage()
+
+
+def test_unfamiliar_decoder_warning_names_the_first_mismatch(caplog):
+    model = _Decoder().eval()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="spts_compile"):
+        compile_fn(model, min_tokens=1)(torch.randn(1, 12, 32))
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "layer 0" in msg and "attention" in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification by execution
+# ------------------------------------------------------------------------------------------------
+def test_a_block_that_does_not_reproduce_its_region_stays_dense(monkeypatch, caplog):
+    """Break the canonical RoPE: verification must catch it, leave every layer dense, and say why."""
+    model = make_model("llama", layers=4)
+    ids, _ = make_inputs(1, 24)
+    wrong = lambda x, cos, sin: x * cos  # noqa: E731  (drops the rotate-half term)
+    monkeypatch.setattr(runtime, "apply_rope", wrong)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="spts_compile"):
+        got = compile_fn(model.forward, **SKIP_OPTS)(ids).logits
+        summary = spts_compile.last_plan()
+    monkeypatch.undo()
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert summary["rewritten_layers"] == []
+    assert all(l["verified"] == "no" for l in summary["layers"][1:])
+    assert "attention" in summary["layers"][1]["reason"]
+    assert any("no layer can skip" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dumps
+# ------------------------------------------------------------------------------------------------
+def test_debug_dir_dumps_graph_layers_and_plan(tmp_path):
+    model = make_model("qwen2", layers=4)
+    ids, am = make_inputs(1, 24)
+    with torch.no_grad():
+        compile_fn(model.forward, debug_dir=str(tmp_path), **SKIP_OPTS)(ids, attention_mask=am)
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    d = folders[0]
+    for name in ("before.py", "after.py", "layers.txt", "plan.txt", "summary.json"):
+        assert (d / name).exists(), name
+    after = (d / "after.py").read_text()
+    for step in ("l1_probe", "l1_select", "l1_gather", "l1_attend", "l1_scatter", "l1_ltp_score", "l1_prune"):
+        assert step in after, step
+    assert "l0_probe" not in after  # layer 0 is dense
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["ltp_mode"] == "weights"
+    modes = [row["mode"] for row in summary["plan"]]
+    assert modes == ["dense", "skip", "skip", "skip"]
+    assert 0 < summary["flop_ratio"] < 1
+    assert "attention" in (d / "layers.txt").read_text() or "sdpa" in (d / "layers.txt").read_text()
+
+
+def test_dumps_from_the_environment_and_symbolic_flops(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPTS_DEBUG_DIR", str(tmp_path))
+    model = make_model("llama", layers=4)
+    ids, _ = make_inputs(1, 24)
+    torch._dynamo.reset()
+    f = torch.compile(model.forward, backend="spts", options=SKIP_OPTS, dynamic=True)
+    with torch.no_grad():
+        f(ids)
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    assert summary["seq_len_symbolic"] is True
+    assert summary["rewritten_layers"] == [1, 2, 3]
+    assert "N" in summary["flops_dense"] and "N" in summary["flops_planned"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense clean-up: an in-graph causal mask becomes is_causal SDPA
+# ------------------------------------------------------------------------------------------------
+def test_causal_cleanup_on_eager_attention_matches_inductor(tmp_path):
+    model = make_model("llama", attn="eager", layers=2)
+    ids, _ = make_inputs(2, 24)
+    with torch.no_grad():
+        want = inductor(model.forward)(ids).logits
+        got = compile_fn(model.forward, pap=False, ltp=False, msdp=False, debug_dir=str(tmp_path))(ids).logits
+        summary = spts_compile.last_plan()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert summary["causal_cleanup_layers"] == [0, 1]
+    after = next(tmp_path.rglob("after.py")).read_text()
+    assert "softmax" not in after and "attend_causal" in after
+
+
+def test_user_masks_are_never_cleaned_up():
+    model = make_model("llama", attn="eager", layers=2)
+    ids, am = make_inputs(2, 24, left_pad=[0, 4])
+    with torch.no_grad():
+        want = inductor(model.forward)(ids, attention_mask=am).logits
+        got = compile_fn(model.forward, pap=False, ltp=False, msdp=False)(ids, attention_mask=am).logits
+        summary = spts_compile.last_plan()
+    assert summary["causal_cleanup_layers"] == []
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, 4:], want[1, 4:], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# What must be refused or left dense
+# ------------------------------------------------------------------------------------------------
+def test_padded_batch_with_a_cache_is_refused_with_advice():
+    model = make_model("llama", layers=4)
+    ids, am = make_inputs(2, 24, left_pad=[0, 3])
+    f = compile_fn(model.forward, **SKIP_OPTS)
+    with torch.no_grad(), pytest.raises(Exception, match="batch 1"):
+        f(ids, attention_mask=am, use_cache=True)
+
+
+def test_static_cache_falls_back_to_dense_with_a_warning(caplog):
+    from transformers import StaticCache
+    model = make_model("llama", layers=4)
+    ids, _ = make_inputs(1, 24)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="spts_compile"):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        got = compile_fn(model.forward, **SKIP_OPTS)(ids, past_key_values=cache, use_cache=True).logits
+        want = model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64), use_cache=True).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert any("StaticCache" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_changed_after_compiling_rebuild_the_ltp_proxy():
+    """After load_state_dict, the compiled model must equal a model compiled fresh on the new weights."""
+    model = make_model("llama", layers=4)
+    other = make_model("llama", layers=4, seed=7)
+    ids, _ = make_inputs(1, 24)
+    opts = dict(SKIP_OPTS, pap=False, msdp=False)  # LTP alone: the selection depends only on the proxy
+    with torch.no_grad():
+        f = compile_fn(model.forward, **opts)
+        f(ids)
+        model.load_state_dict(other.state_dict())
+        got = f(ids).logits
+        want = compile_fn(other.forward, **opts)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
