@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 from spts_compile import runtime as rt
 
 from .graph_utils import ancestors, example_value
-from .locate import GraphAnalysis, LayerSpec
+from .locate import GraphAnalysis, LayerSpec, materialize
 
 # Ops a pure causal mask is built from: index ranges, `kv <= q`, broadcasting, and the dtype conversion.
 _CAUSAL_OPS = {"arange", "add", "getitem", "le", "ge", "new_ones", "and_", "to", "expand", "where", "zeros",
@@ -60,15 +60,15 @@ def apply(gm: GraphModule, analysis: GraphAnalysis, plan, verified_from: GraphAn
         dense = plan is None or plan.layers[i].mode == "dense"
         if not (dense and spec.matched and verdicts.get(spec.index) and wants(spec)):
             continue
-        a = spec.attn
-        with graph.inserting_before(a.out):
+        with graph.inserting_before(spec.attn.out):
+            a = materialize(graph, spec.attn)
             call = graph.create_node("call_function", rt.attend_all, (
                 a.x_in, a.cos, a.sin, None, a.wq, a.bq, a.wk, a.bk, a.wv, a.bv, a.wo, a.bo, a.norm.args(),
                 a.q_norm and a.q_norm.args(), a.k_norm and a.k_norm.args(), a.post_norm and a.post_norm.args(),
                 a.head_dim, a.scale), {}, name=f"l{spec.index}_attend_causal")
             h, k, v = (graph.create_node("call_function", operator.getitem, (call, j), {},
                                          name=f"l{spec.index}_causal_{s}") for j, s in enumerate("hkv"))
-        a.out.replace_all_uses_with(h)
+        spec.attn.out.replace_all_uses_with(h)
         if a.k_out is not None:
             output.replace_input_with(a.k_out, k)
             output.replace_input_with(a.v_out, v)

@@ -35,6 +35,36 @@ class NormSpec:
         return (self.weight, self.eps, self.unit_offset)
 
 
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows [start, stop) of a fused weight (Phi-3's qkv_proj and gate_up_proj)."""
+
+    node: Node
+    start: int
+    stop: int
+
+
+def materialize(graph, spec):
+    """A copy of an AttentionSpec/FFNSpec whose RowSlice weights are real graph nodes (slices of the fused
+    weight), inserted at the graph's current insertion point."""
+    import dataclasses
+    import operator
+    changes = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, RowSlice):
+            changes[f.name] = graph.create_node("call_function", operator.getitem,
+                                                (value.node, slice(value.start, value.stop)), {})
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def slice_value(value, lookup):
+    """The tensor a spec field stands for, given `lookup(node)`; RowSlice fields are sliced."""
+    if isinstance(value, RowSlice):
+        return lookup(value.node)[value.start:value.stop]
+    return lookup(value) if isinstance(value, Node) else value
+
+
 @dataclass
 class AttentionSpec:
     kind: str                # "sdpa" or "eager"
@@ -215,7 +245,9 @@ def _linears(region: list[Node], regions, child: str) -> dict[str, Node]:
     return out
 
 
-def _weight_bias(lin: Node) -> tuple[Node, Node | None]:
+def _weight_bias(lin) -> tuple:
+    if isinstance(lin, _SliceOf):
+        return lin.weight, lin.bias
     w = lin.args[1] if len(lin.args) > 1 else lin.kwargs.get("weight")
     b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
     return w, b
@@ -234,7 +266,7 @@ def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
                         "SPTS cannot compact it")
     lins = _linears(region, regions, attn_child)
     if "qkv_proj" in lins:
-        raise Unmatched("fused qkv_proj is not supported yet")
+        lins.update(_split_fused_qkv(lins.pop("qkv_proj")))
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if name not in lins:
             raise Unmatched(f"attention: no {name} linear (found {sorted(lins)})")
@@ -242,8 +274,8 @@ def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
     wk, bk = _weight_bias(lins["k_proj"])
     wv, bv = _weight_bias(lins["v_proj"])
     wo, bo = _weight_bias(lins["o_proj"])
-    xn = lins["q_proj"].args[0]
-    if lins["k_proj"].args[0] is not xn or lins["v_proj"].args[0] is not xn:
+    xn = _linear_input(lins["q_proj"])
+    if _linear_input(lins["k_proj"]) is not xn or _linear_input(lins["v_proj"]) is not xn:
         raise Unmatched("attention: q/k/v projections do not share one input")
     norm = _norm_feeding(regions, children, xn, "attention")
     view = next((u for u in lins["q_proj"].users if is_method(u, "view", "reshape")), None)
@@ -253,24 +285,82 @@ def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
     head_dim = shape[-1]
     if not isinstance(head_dim, int):
         raise Unmatched("attention: head_dim is not a constant")
-    wq_shape, wk_shape = shape_of(wq), shape_of(wk)
-    n_heads, n_kv = wq_shape[0] // head_dim, wk_shape[0] // head_dim
+    wq_rows, wk_rows, hidden = _rows(wq), _rows(wk), shape_of(_base(wq))[1]
+    n_heads, n_kv = wq_rows // head_dim, wk_rows // head_dim
     q_norm = _sub_norm(regions, attn_child, "q_norm")
     k_norm = _sub_norm(regions, attn_child, "k_norm")
     kind, core, scale, mask = _attention_core(region)
     cos, sin = _rope_inputs(region, set(_param_like(region)) | {xn, mask})
-    cache, k_out, v_out = _cache_outputs(gm, region, lins["k_proj"], lins["v_proj"])
+    cache, k_out, v_out = _cache_outputs(gm, region, _node_of(lins["k_proj"]), _node_of(lins["v_proj"]))
     o_node = lins["o_proj"]
     post_norm = _norm_fed_by(regions, children, o_node)
-    attn_out = post_norm.out if post_norm else o_node
+    attn_out = _through_identity(post_norm.out if post_norm else o_node)
     residual = next((u for u in attn_out.users if is_add(u) and norm.x in u.args), None)
     if residual is None:
         raise Unmatched("attention: no residual add of the block input and the attention output")
     spec = AttentionSpec(kind=kind, norm=norm, wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo,
                          q_norm=q_norm, k_norm=k_norm, post_norm=post_norm, head_dim=head_dim,
-                         n_heads=n_heads, n_kv_heads=n_kv, hidden=wq_shape[1], scale=scale, cos=cos,
+                         n_heads=n_heads, n_kv_heads=n_kv, hidden=hidden, scale=scale, cos=cos,
                          sin=sin, mask=mask, x_in=norm.x, out=residual, k_out=k_out, v_out=v_out, core=core)
     return spec, cache
+
+
+class _SliceOf:
+    """A slice of a fused projection's output, standing in for a separate linear node."""
+
+    def __init__(self, lin: Node, piece: Node, start: int, stop: int, rows: int):
+        self.lin, self.piece, self.start, self.stop = lin, piece, start, stop
+        self.users = piece.users
+        w, b = _weight_bias(lin)
+        self.weight = RowSlice(w, start, stop)
+        self.bias = RowSlice(b, start, stop) if b is not None else None
+
+
+def _split_fused_qkv(lin: Node) -> dict:
+    """Phi-3: one qkv_proj whose output is sliced on its last dim into q, k and v."""
+    rows = shape_of(_weight_bias(lin)[0])[0]
+    pieces = []
+    for u in lin.users:
+        if not (is_call(u, {__import__("operator").getitem}) and isinstance(u.args[1], tuple)
+                and isinstance(u.args[1][-1], slice)):
+            raise Unmatched("attention: fused qkv_proj output is used other than by slicing")
+        sl = u.args[1][-1]
+        pieces.append((sl.start or 0, sl.stop if sl.stop is not None else rows, u))
+    if len(pieces) != 3:
+        raise Unmatched("attention: fused qkv_proj is not split into three slices")
+    pieces.sort(key=lambda p: p[0])
+    return {name: _SliceOf(lin, piece, start, stop, rows)
+            for name, (start, stop, piece) in zip(("q_proj", "k_proj", "v_proj"), pieces)}
+
+
+def _node_of(lin) -> Node:
+    return lin.piece if isinstance(lin, _SliceOf) else lin
+
+
+def _linear_input(lin) -> Node:
+    return (lin.lin if isinstance(lin, _SliceOf) else lin).args[0]
+
+
+def _base(w):
+    return w.node if isinstance(w, RowSlice) else w
+
+
+def _rows(w) -> int:
+    return w.stop - w.start if isinstance(w, RowSlice) else shape_of(w)[0]
+
+
+def _through_identity(node: Node) -> Node:
+    """Follow an eval-mode dropout (Phi-3's resid_*_dropout), which returns its input unchanged."""
+    while len(node.users) == 1:
+        u = next(iter(node.users))
+        if not (u.op == "call_function" and u.target is F.dropout):
+            break
+        p = u.kwargs.get("p", u.args[1] if len(u.args) > 1 else 0.5)
+        training = u.kwargs.get("training", u.args[2] if len(u.args) > 2 else True)
+        if training and p != 0:
+            raise Unmatched("dropout is active (is the model in train mode?)")
+        node = u
+    return node
 
 
 def _param_like(region):
@@ -376,7 +466,26 @@ def _match_ffn(regions, h_in: Node) -> FFNSpec:
     region = regions[ffn_child]
     lins = _linears(region, regions, ffn_child)
     if "gate_up_proj" in lins:
-        raise Unmatched("fused gate_up_proj is not supported yet")
+        fused = lins.pop("gate_up_proj")
+        w, bias = _weight_bias(fused)
+        if bias is not None:
+            raise Unmatched("FFN: biased projections are not supported")
+        rows = shape_of(w)[0]
+        act = _activation(region, None)
+        post_norm = _norm_fed_by(regions, children, lins["down_proj"]) if "down_proj" in lins else None
+        if "down_proj" not in lins:
+            raise Unmatched("FFN: no down_proj linear")
+        xn = fused.args[0]
+        norm = _norm_feeding(regions, children, xn, "FFN")
+        if norm.x is not h_in:
+            raise Unmatched("FFN: its norm does not read the attention's residual output")
+        w_down, _ = _weight_bias(lins["down_proj"])
+        ffn_out = _through_identity(post_norm.out if post_norm else lins["down_proj"])
+        residual = next((u for u in ffn_out.users if is_add(u) and h_in in u.args), None)
+        if residual is None:
+            raise Unmatched("FFN: no residual add of the block input and the FFN output")
+        return FFNSpec(norm=norm, w_gate=RowSlice(w, 0, rows // 2), w_up=RowSlice(w, rows // 2, rows), w_down=w_down,
+                       act=act, post_norm=post_norm, intermediate=rows // 2, h_in=h_in, out=residual)
     for name in ("gate_proj", "up_proj", "down_proj"):
         if name not in lins:
             raise Unmatched(f"FFN: no {name} linear (found {sorted(lins)}); only gated FFNs are supported")
@@ -393,7 +502,7 @@ def _match_ffn(regions, h_in: Node) -> FFNSpec:
         raise Unmatched("FFN: its norm does not read the attention's residual output")
     act = _activation(region, lins["gate_proj"])
     post_norm = _norm_fed_by(regions, children, lins["down_proj"])
-    ffn_out = post_norm.out if post_norm else lins["down_proj"]
+    ffn_out = _through_identity(post_norm.out if post_norm else lins["down_proj"])
     residual = next((u for u in ffn_out.users if is_add(u) and h_in in u.args), None)
     if residual is None:
         raise Unmatched("FFN: no residual add of the block input and the FFN output")
@@ -401,8 +510,9 @@ def _match_ffn(regions, h_in: Node) -> FFNSpec:
                    intermediate=shape_of(w_gate)[0], h_in=h_in, out=residual)
 
 
-def _activation(region, gate: Node) -> str:
-    for u in gate.users:
+def _activation(region, gate: Node | None) -> str:
+    """The gate's activation: among the gate's users, or anywhere in the FFN region for a fused gate_up."""
+    for u in (gate.users if gate is not None else region):
         if u.op == "call_function" and u.target in (F.silu,):
             return "silu"
         if u.op == "call_function" and u.target is F.gelu:

@@ -21,7 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from spts_compile import runtime as rt
 
-from .locate import GraphAnalysis, LayerSpec, NormSpec
+from .locate import GraphAnalysis, LayerSpec, NormSpec, materialize
 from .plan import LayerPlan, Plan
 
 
@@ -89,7 +89,7 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
 
 def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, n_ref, last_pos, proxies,
                    result, records, is_first):
-    a, f = _causal_view(spec.attn), spec.ffn
+    a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
     x, cand, last = state["x"], state["cand"], state["last"]
     selector = cfg.selector
     # ---- "once" baseline: probe at the first skipping layer only, then prune by that score -------------
@@ -156,7 +156,7 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
 def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, is_first, cfg):
     """Prune-once baseline (GemFilter-like): score tokens with the first skipping layer's probe only,
     shrink the candidate set to each stage's budget by that score, and run every layer dense on it."""
-    a, f = _causal_view(spec.attn), spec.ffn
+    a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
     x, cand, last = state["x"], state["cand"], state["last"]
     if is_first:
         xn0 = b("attn_norm0", rt.norm_apply, x, _norm(a.norm))

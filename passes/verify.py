@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 
 from spts_compile import runtime as rt
 
-from .locate import GraphAnalysis, LayerSpec
+from .locate import GraphAnalysis, LayerSpec, slice_value
 
 
 class _Capture(torch.fx.Interpreter):
@@ -56,9 +56,7 @@ def _nodes_of(spec: LayerSpec) -> set[Node]:
 
 
 def _value(x, values, params):
-    if isinstance(x, Node):
-        return values[x] if x in values else params[x]
-    return x
+    return slice_value(x, lambda n: values[n] if n in values else params[n])
 
 
 def _norm_value(norm, values, params):

@@ -218,7 +218,7 @@ def _build_proxies(analysis, plan, cfg: SPTSConfig, params):
         if lp.mode != "skip":
             continue
         f = spec.ffn
-        w_gate, w_up, w_down = params[f.w_gate], params[f.w_up], params[f.w_down]
+        w_gate, w_up, w_down = (locate.slice_value(w, params.__getitem__) for w in (f.w_gate, f.w_up, f.w_down))
         channels, rank = planning.ltp_dims(plan.schedule, f.intermediate, spec.attn.hidden)
         importance = calibration.importance_for(spec.index) if calibration is not None else None
         proxy = calib.build_ltp_proxy(w_gate, w_up, w_down, channels=channels, rank=rank, importance=importance)
