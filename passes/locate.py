@@ -452,6 +452,9 @@ def _cache_outputs(gm, region, k_lin: Node, v_lin: Node):
         return "filled", k_out, v_out
     if outs and (k_out is None or v_out is None):
         raise Unmatched("attention: graph outputs from the attention that are not its K/V cache")
+    if k_out is not None and (is_call(k_out, {__import__("operator").getitem}) or is_method(k_out, "__getitem__")):
+        # A sliding-window cache keeps a crop of what attention used: its layout is tied to positions.
+        return "window", k_out, v_out
     return ("fresh" if k_out is not None else "none"), k_out, v_out
 
 

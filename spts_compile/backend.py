@@ -115,6 +115,11 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
         record.reason = f"prompt of {static_n} tokens is shorter than min_tokens={schedule.min_tokens}: dense"
     elif analysis.kind != "prefill":
         record.reason = analysis.reason
+    if skipping and any(l.cache == "window" for l in analysis.layers if l.matched):
+        skipping = False
+        record.reason = ("the KV cache has sliding-window layers, whose cache layout SPTS cannot compact: "
+                         "this prefill runs dense (pass use_cache=False for a skipping prefill-only pass)")
+        _warn_once(f"spts: {record.reason}")
     # Verify the layers we will touch: the skipping range, and dense layers the clean-up may rewrite.
     first_skip = None
     to_verify = [l for l in analysis.layers if l.matched and (
