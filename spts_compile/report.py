@@ -89,11 +89,28 @@ def summary(record) -> dict:
             "ltp_channels": record.plan.ltp_channels, "ltp_rank": record.plan.ltp_rank,
         })
         if n:
+            out.update(_kv_bytes(record, n))
             fd, fp = float(dense.subs(N, n)), float(planned.subs(N, n))
             kd, kp = float(kv_dense.subs(N, n)), float(kv_planned.subs(N, n))
             out.update({"flops_dense_at_n": fd, "flops_planned_at_n": fp, "flop_ratio": fp / fd if fd else None,
                         "kv_ratio": kp / kd if kd else None})
     return out
+
+
+def _kv_bytes(record, n: int) -> dict:
+    """KV-cache bytes of one prefill at length n, dense against planned, per layer and in total."""
+    analysis = record.analysis
+    itemsize = analysis.dtype.itemsize if analysis.dtype is not None else 4
+    batch = analysis.batch if isinstance(analysis.batch, int) else 1
+    per_layer = []
+    for spec, lp in zip(analysis.layers, record.plan.layers):
+        if spec.attn is None:
+            continue
+        per_token = 2 * spec.attn.n_kv_heads * spec.attn.head_dim * itemsize * batch
+        per_layer.append({"layer": lp.index, "dense": per_token * n,
+                          "planned": int(per_token * float(sympy.sympify(lp.kv_tokens).subs(N, n)))})
+    return {"kv_bytes_dense": sum(r["dense"] for r in per_layer),
+            "kv_bytes_planned": sum(r["planned"] for r in per_layer), "kv_bytes_per_layer": per_layer}
 
 
 def write_dump(debug_dir, record, before, after) -> Path:
@@ -108,7 +125,8 @@ def write_dump(debug_dir, record, before, after) -> Path:
     plan_cols = ["layer", "mode", "stage", "candidates", "active", "prune", "kv_tokens", "flops_dense",
                  "flops_planned"]
     text = tabulate([{k: r[k] for k in plan_cols} for r in s["plan"]], headers="keys")
-    totals = {k: s.get(k) for k in ("flops_dense", "flops_planned", "flop_ratio", "kv_ratio", "ltp_mode",
+    totals = {k: s.get(k) for k in ("flops_dense", "flops_planned", "flop_ratio", "kv_ratio", "kv_bytes_dense",
+                                   "kv_bytes_planned", "ltp_mode",
                                    "ltp_channels", "ltp_rank", "causal_cleanup_layers", "verify_seconds")}
     (folder / "plan.txt").write_text(head + "\n\n" + text + "\n\n" +
                                      "\n".join(f"{k}: {v}" for k, v in totals.items()) + "\n")
