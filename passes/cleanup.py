@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Node
 
 from spts_compile import runtime as rt
 
-from .graph_utils import ancestors, example_value
+from .graph_utils import ancestors, eliminate_dead_code, example_value
 from .locate import GraphAnalysis, LayerSpec, materialize
 
 # Ops a pure causal mask is built from: index ranges, `kv <= q`, broadcasting, and the dtype conversion.
@@ -74,7 +74,7 @@ def apply(gm: GraphModule, analysis: GraphAnalysis, plan, verified_from: GraphAn
             output.replace_input_with(a.v_out, v)
         done.append(spec.index)
     if done:
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         graph.lint()
         gm.recompile()
     return done

@@ -114,3 +114,20 @@ def is_param_placeholder(node: Node) -> bool:
 def output_nodes(gm) -> list[Node]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     return [a for a in out.all_input_nodes]
+
+
+def has_side_effect(node: Node) -> bool:
+    """Nodes dead-code elimination must keep: FX's own impure set, plus the functorch and grad-mode state
+    changes Dynamo records around a vmapped mask (transformers 4.x), whose results are unused."""
+    if node.is_impure():
+        return True
+    if node.op != "call_function":
+        return False
+    module = getattr(node.target, "__module__", "") or ""
+    name = getattr(node.target, "__name__", "") or ""
+    return module.startswith(("torch._functorch", "torch._C._functorch")) or name in (
+        "_set_grad_enabled", "_enter_autocast", "_exit_autocast", "set_grad_enabled")
+
+
+def eliminate_dead_code(graph) -> None:
+    graph.eliminate_dead_code(is_impure_node=has_side_effect)

@@ -21,6 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from spts_compile import runtime as rt
 
+from .graph_utils import eliminate_dead_code
 from .locate import GraphAnalysis, LayerSpec, NormSpec, materialize
 from .plan import LayerPlan, Plan
 
@@ -81,7 +82,7 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
     if records:
         outs = output.args[0]
         output.args = ((*outs, *records),) if isinstance(outs, (tuple, list)) else ((outs, *records),)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     return result

@@ -30,7 +30,7 @@ class _Capture(torch.fx.Interpreter):
     def run_node(self, n: Node):
         out = super().run_node(n)
         if n in self.wanted:
-            self.values[n] = out.detach() if isinstance(out, torch.Tensor) else out
+            self.values[n] = out  # no detach: under no_grad it is not needed, and vmapped masks forbid it
         return out
 
 

@@ -75,6 +75,8 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
         record.kind, record.reason = "fallback", f"{type(e).__name__}: {e}"
         compiled = compile_fx(gm, example_inputs)
     record.compile_seconds = time.perf_counter() - t0
+    if record.kind not in ("decode", "cached"):
+        _LAST["plan"] = record  # last_plan() describes the latest prefill graph, whatever became of it
     if cfg.debug_dir:
         reporting.write_dump(cfg.debug_dir, record, before, work)
     return compiled
@@ -154,7 +156,6 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
     result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
     if result is not None:
         record.rewritten_layers = result.rewritten_layers
-    _LAST["plan"] = record
     extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
     compiled = compile_fx(gm, list(example_inputs) + extra)
     dense = None
