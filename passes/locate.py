@@ -393,7 +393,8 @@ def _attention_core(region: list[Node]):
     mask = None
     if is_add(x):
         a, b = x.args[0], x.args[1]
-        mask, x = (b, a) if isinstance(b, Node) and b not in inside or (isinstance(b, Node) and is_method(b, "__getitem__")) else (a, b)
+        # the scores are the scaled matmul; the other operand is the mask (maybe a slice of it)
+        mask, x = (b, a) if isinstance(a, Node) and is_mul(a) else (a, b)
         mask = _outside(mask, inside)
         if mask is None:
             raise Unmatched("attention: eager mask add with no external mask")

@@ -82,6 +82,8 @@ def sliding_window(config, layer: int) -> int | None:
 def _rope_tables(model, n: int, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """cos, sin [n, rotary_dim] for positions 0..n-1 (HF's default position_ids = arange(N))."""
     rotary = model.model.rotary_emb
+    if hasattr(model.model, "rotary_emb_local") and sliding_window(model.config, layer) is not None:
+        rotary = model.model.rotary_emb_local   # transformers 4.x Gemma-3: a second RoPE for sliding layers
     pos = torch.arange(n, device=like.device)[None]
     if "layer_type" in inspect.signature(rotary.forward).parameters:   # Gemma-3: one RoPE per layer type
         cos, sin = rotary(like, pos, model.config.layer_types[layer])
