@@ -67,7 +67,8 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
         b = _Builder(graph, first.index)
         n_ref = b("positions", rt.initial_candidates, first.attn.x_in)
         last_pos = b("last_real", rt.last_real_position, first.attn.x_in, analysis.padding_mask)
-    state = dict(x=first.attn.x_in, cand=n_ref, last=last_pos, base=None, once_scores=None)
+        real = None if analysis.padding_mask is None else b("real", rt.real_candidates, analysis.padding_mask, n_ref)
+    state = dict(x=first.attn.x_in, cand=n_ref, last=last_pos, base=None, once_scores=None, real=real)
     records: list[Node] = []
     for spec, lp in pairs:
         with graph.inserting_before(spec.ffn.out):
@@ -128,7 +129,8 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     if schedule.ltp:
         consts = _proxy_nodes(gm, b, spec.index, proxies[spec.index], result)
         if selector == "probe":
-            s_ffn = b("ltp_score", rt.ltp_scores, hn, *consts, f.act, scores if schedule.pap else None)
+            s_ffn = b("ltp_score", rt.ltp_scores, hn, *consts, f.act, scores if schedule.pap else None,
+                      state["real"])
         else:
             s_ffn = scores
         act_f = b("ffn_select", rt.select_active, s_ffn, last, lp.budget, n_ref)
@@ -144,9 +146,11 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     # ---- full-length view, and MSDP prune at a stage end ---------------------------------------------
     full = y if state["base"] is None else b("restore", rt.scatter_rows, state["base"], cand, y)
     if lp.prune is not None:
-        keep = b("prune", rt.prune_keep, scores, last, lp.prune, n_ref)
+        keep = b("prune", rt.prune_keep, scores, last, lp.prune, n_ref, state["real"])
         state["base"] = full
         state["cand"] = b("prune_cand", torch.gather, cand, 1, keep)
+        if state["real"] is not None:
+            state["real"] = b("prune_real", torch.gather, state["real"], 1, keep)
         state["x"] = b("prune_rows", rt.gather_rows, y, keep)
         state["last"] = b("prune_last", rt.locate_in_candidates, state["cand"], last_pos)
     else:
@@ -170,6 +174,8 @@ def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, 
     cand = b("once_cand", torch.gather, cand, 1, keep)
     x = b("once_rows", rt.gather_rows, x, keep)
     state["once_scores"] = b("once_scores", torch.gather, state["once_scores"], 1, keep)
+    if state["real"] is not None:
+        state["real"] = b("once_real", torch.gather, state["real"], 1, keep)
     last = b("once_last", rt.locate_in_candidates, cand, last_pos)
     xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
     probe = b("keys", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,

@@ -140,6 +140,11 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
     record.plan = plan
     compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector == "once") and \
         any(l.attn.k_out is not None for l in analysis.layers if l.matched)
+    pm_example = params_value(gm, example_inputs, analysis.padding_mask) if analysis.padding_mask is not None else None
+    if first_skip is not None and pm_example is not None and pm_example.shape[0] > 1 \
+            and not bool(pm_example.bool().all()) and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
+        _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
+                   "row's selection depends on the batch's padding; give int budgets for row-independent results")
     if compacts_cache and analysis.padding_mask is not None:
         pm = params_value(gm, example_inputs, analysis.padding_mask)
         if pm is not None and pm.shape[0] > 1 and not bool(pm.bool().all()):

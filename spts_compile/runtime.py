@@ -63,6 +63,11 @@ def last_real_position(x: torch.Tensor, padding_mask: torch.Tensor | None) -> to
     return torch.where(padding_mask.bool(), pos, torch.zeros_like(pos)).amax(dim=1)
 
 
+def real_candidates(padding_mask, cand):
+    """[B, C] True where the candidate is a real token (None without a padding mask)."""
+    return None if padding_mask is None else padding_mask.bool().gather(1, cand)
+
+
 def locate_in_candidates(cand: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """[B] index of `position[b]` inside the sorted candidate list cand[b] (it is always present)."""
     return (cand <= position.unsqueeze(1)).sum(dim=1) - 1
@@ -154,9 +159,12 @@ def top_rows(scores, last_c, m):
     """Indices of the m highest scores per row, the last real token forced in, sorted ascending so that
     causal order holds among them. Ties go to the later token (masked keys score exactly 0, so ties are
     real): a stable descending sort of the reversed scores."""
-    c = scores.shape[1]
+    b, c = scores.shape
     forced = scores.scatter(1, last_c.unsqueeze(1), float("inf"))
-    order = torch.sort(forced.flip(1), dim=1, descending=True, stable=True).indices[:, :m]
+    order = torch.sort(forced.flip(1), dim=1, descending=True, stable=True).indices
+    # the first m columns, taken with a gather rather than a slice: a slice whose length may equal the
+    # full width makes the tensor's layout depend on whether m == C, and that guards on N.
+    order = order.gather(1, torch.arange(m, device=scores.device).unsqueeze(0).expand(b, m))
     return (c - 1 - order).sort(dim=1).values
 
 
@@ -213,13 +221,15 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
     raise ValueError(f"spts: unknown FFN activation {act!r}")
 
 
-def ltp_scores(hn, gate_in, gate_out, up_in, up_out, down, act: str, attn_scores):
-    """S_ffn = ||proxy(hn)|| (times the layer's PAP score when there is one)."""
+def ltp_scores(hn, gate_in, gate_out, up_in, up_out, down, act: str, attn_scores, real):
+    """S_ffn = ||proxy(hn)|| (times the layer's PAP score when there is one). Padding candidates
+    (`real` False) score -inf: they never compete for the FFN."""
     g = F.linear(F.linear(hn, gate_in), gate_out)
     u = F.linear(F.linear(hn, up_in), up_out)
     proxy = F.linear(activation(g, act) * u, down)
     score = proxy.to(torch.float32).norm(dim=-1)
-    return score if attn_scores is None else score * attn_scores
+    score = score if attn_scores is None else score * attn_scores
+    return score if real is None else score.masked_fill(~real, float("-inf"))
 
 
 def ffn_rows(ha, w_gate, w_up, w_down, act: str, post_norm):
@@ -231,8 +241,11 @@ def ffn_rows(ha, w_gate, w_up, w_down, act: str, post_norm):
 # ---------------------------------------------------------------------------------------------
 # MSDP: prune at a stage end
 # ---------------------------------------------------------------------------------------------
-def prune_keep(scores, last_c, prune, n_ref):
-    """Indices (into the candidate list) of the candidates that survive a stage end."""
+def prune_keep(scores, last_c, prune, n_ref, real):
+    """Indices (into the candidate list) of the candidates that survive a stage end. Only real tokens are
+    pruned (padding counts as +inf), so a padded row prunes what it would prune alone."""
+    if real is not None:
+        scores = scores.masked_fill(~real, float("inf"))
     c = scores.shape[1]
     p = torch.sym_min(budget_tokens(prune, n_ref.shape[-1]), c - 1)
     return top_rows(scores, last_c, c - p)

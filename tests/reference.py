@@ -19,6 +19,8 @@ Choices where SEMANTICS.md is silent (keep the passes in step with these):
   short prompt repeats row 0). Probe rows whose token is padding are left out of the mean.
 - with pap=False the FFN score is Cn alone; S_mha is still computed (for pruning and for the record).
 - N < schedule.min_tokens: the whole prefill is dense.
+- padding never competes: its FFN score is -inf, and a stage end prunes the lowest *real* tokens
+  (padding counts as +inf there), so a padded row prunes what it would prune alone.
 - a padding query row (which the model's mask leaves with no key at all) attends to itself only
   (besides any real key it may see), so it stays finite; its values are never compared.
 """
@@ -312,6 +314,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         if skipping and schedule.ltp:
             cn = proxy_norm(hn, proxies[l], act_name)
             s_ffn = cn * s_mha if schedule.pap else cn
+            s_ffn = s_ffn.masked_fill(~real[cand], float("-inf"))   # padding never competes for the FFN
             act_f = select_top(s_ffn, m, last_c)
         else:
             act_f = torch.arange(c)
@@ -330,7 +333,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         # -- stage end (MSDP): prune for good --
         if skipping and schedule.is_stage_end(l):
             p = min(budget_tokens(schedule.prune[stage], n), c - 1)
-            keep = select_top(s_mha, c - p, last_c)
+            keep = select_top(s_mha.masked_fill(~real[cand], float("inf")), c - p, last_c)  # prune real tokens only
             gone = torch.ones(c, dtype=torch.bool)
             gone[keep] = False
             rec["pruned"] = cand[gone].clone()

@@ -360,9 +360,9 @@ def test_select_active_matches_reference_selection(budget, n):
 
 def test_prune_keep_never_removes_the_last_token():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.0, 0.6]])
-    keep = rt.prune_keep(scores, torch.tensor([3]), 2, torch.zeros(1, 5))
+    keep = rt.prune_keep(scores, torch.tensor([3]), 2, torch.zeros(1, 5), None)
     assert keep.tolist() == [[0, 1, 3]]
-    keep = rt.prune_keep(scores, torch.tensor([3]), 100, torch.zeros(1, 5))  # P = min(P, C - 1)
+    keep = rt.prune_keep(scores, torch.tensor([3]), 100, torch.zeros(1, 5), None)  # P = min(P, C - 1)
     assert keep.tolist() == [[3]]
 
 
