@@ -171,7 +171,9 @@ def test_full_method_invariants(models, family):
             pruned = rec["pruned"][row].tolist()
             if pruned:
                 keep = torch.tensor([p not in pruned for p in cand])
-                check_top(rec["s_mha"][row], keep, cand.index(lasts[row]))
+                assert all(am[row, p] == 1 for p in pruned)  # only real tokens are pruned
+                padding = ~am[row, rec["cand"][row]].bool()
+                check_top(rec["s_mha"][row].masked_fill(padding, float("inf")), keep, cand.index(lasts[row]))
                 for later in ref["hidden_states"][l + 2:-1]:
                     assert torch.equal(later[row][pruned], ref["hidden_states"][l + 1][row][pruned])
     assert torch.isfinite(ref["logits"]).all()
