@@ -14,7 +14,6 @@ SOFTMAX = {F.softmax, torch.softmax}
 ADD = {operator.add, torch.add, operator.iadd}
 MUL = {operator.mul, torch.mul}
 MATMUL = {torch.matmul, operator.matmul}
-ACTIVATIONS = {F.silu: "silu", torch.nn.functional.silu: "silu"}
 
 # "...model.layers.3", "...model.layers[3]" -> prefix, index, rest of the path
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.?layers(?:\.|\[)(?P<idx>\d+)\]?(?P<rest>.*)$")
@@ -105,10 +104,6 @@ def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
                 seen.add(a)
                 todo.append(a)
     return seen
-
-
-def is_param_placeholder(node: Node) -> bool:
-    return node.op in ("placeholder", "get_attr") and isinstance(example_value(node), torch.nn.Parameter)
 
 
 def output_nodes(gm) -> list[Node]:

@@ -568,15 +568,3 @@ def _find_padding_mask(gm, mask: Node | None, placeholders) -> Node | None:
         if p in anc and isinstance(v, torch.Tensor) and v.dim() == 2 and not isinstance(v, torch.nn.Parameter):
             return p
     return None
-
-
-def mask_from_user(mask: Node | None) -> bool:
-    """Does the 4D mask read any tensor the user passed (as opposed to aranges and shapes alone)?"""
-    if mask is None:
-        return False
-    for a in ancestors(mask) | {mask}:
-        if a.op == "placeholder":
-            v = example_value(a)
-            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.dim() >= 1:
-                return True
-    return False

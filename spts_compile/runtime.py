@@ -11,8 +11,6 @@ positions, `idx` [B, M] indices into the candidate list, cos/sin [B|1, N, hd] in
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -263,7 +261,3 @@ def baseline_scores(kind: str, x_c, cand, layer: int, seed: int):
         h = torch.sin(cand.to(torch.float64) * 12.9898 + (layer * 78.233 + seed * 3.7)) * 43758.5453
         return (h - torch.floor(h)).to(torch.float32)
     raise ValueError(f"spts: unknown selector {kind!r}")
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
