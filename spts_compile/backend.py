@@ -75,8 +75,9 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
         record.kind, record.reason = "fallback", f"{type(e).__name__}: {e}"
         compiled = compile_fx(gm, example_inputs)
     record.compile_seconds = time.perf_counter() - t0
-    if record.kind not in ("decode", "cached"):
-        _LAST["plan"] = record  # last_plan() describes the latest prefill graph, whatever became of it
+    if record.kind in ("prefill", "fallback"):
+        _LAST["plan"] = record  # the latest prefill graph, whatever became of it (not a decode step, nor a
+        #                         layer-less piece such as an lm_head split off by a graph break)
     if cfg.debug_dir:
         reporting.write_dump(cfg.debug_dir, record, before, work)
     return compiled
