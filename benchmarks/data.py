@@ -269,7 +269,7 @@ def niah_single(tok, length: int, depth: float, index: int = 0, seed: int = 0) -
         return f"{hay}\n\n{question} Don't give information outside the document or repeat your findings"
 
     _, ids = fit_to_length(make, tok, length)
-    return Sample("niah_single", length, index, ids, answers, depth=depth, meta=dict(question=question))
+    return Sample("niah_single", length, index, ids, answers, depth=depth, meta=dict(question=question, needles=[needle]))
 
 
 def niah_multikey(tok, length: int, index: int = 0, seed: int = 0, num_needles: int = 4) -> Sample:
@@ -290,7 +290,7 @@ def niah_multikey(tok, length: int, index: int = 0, seed: int = 0, num_needles: 
 
     _, ids = fit_to_length(make, tok, length)
     return Sample("niah_multikey", length, index, ids, [numbers[target]], depth=depths[target],
-                  meta=dict(question=question, depths=depths))
+                  meta=dict(question=question, depths=depths, needles=needles))
 
 
 def niah_multivalue(tok, length: int, index: int = 0, seed: int = 0) -> Sample:
@@ -312,7 +312,7 @@ def niah_multivalue(tok, length: int, index: int = 0, seed: int = 0) -> Sample:
 
     _, ids = fit_to_length(make, tok, length)
     return Sample("niah_multivalue", length, index, ids, answers, depth=first, max_new_tokens=32,
-                  meta=dict(question=question, depths=depths))
+                  meta=dict(question=question, depths=depths, needles=needles))
 
 
 def passkey(tok, length: int, depth: float, index: int = 0, seed: int = 0) -> Sample:
@@ -330,7 +330,8 @@ def passkey(tok, length: int, depth: float, index: int = 0, seed: int = 0) -> Sa
         return f"{head}{body}\n\nWhat is the pass key?"
 
     _, ids = fit_to_length(make, tok, length, answer_prefix=" The pass key is", chat=False)
-    return Sample("passkey", length, index, ids, [key], depth=depth, max_new_tokens=8, meta=dict(chat=False))
+    return Sample("passkey", length, index, ids, [key], depth=depth, max_new_tokens=8,
+                  meta=dict(chat=False, needles=[needle]))
 
 
 def kv_retrieval(tok, length: int, depth: float, index: int = 0, seed: int = 0) -> Sample:
@@ -374,7 +375,8 @@ def hard_needle(tok, length: int, index: int = 0, seed: int = 0, num_needles: in
     ex = state["ex"]
     target = next(r for r in ex["needle_records"] if r["entity"] == ex["target_entity"])
     return Sample("hard_needle", length, index, ids, [ex["target"]], depth=target["depth_frac"],
-                  meta=dict(question=ex["question"], type=ex["target_needle_type"]))
+                  meta=dict(question=ex["question"], type=ex["target_needle_type"],
+                            needles=[r["sentence"] for r in ex["needle_records"]]))
 
 
 def build_suite(tok, lengths: list[int], depths=(0.1, 0.5, 0.9), per_task: int | None = None,

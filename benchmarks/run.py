@@ -198,7 +198,7 @@ def accuracy_phase(args, variants, length, samples, tok, results, keep_selection
                 sel = _selection()
                 if sel:
                     results["selection"] = {"length": length, "task": s.task, "depth": s.depth,
-                                            "needle_token": _needle_token(s, tok), **sel}
+                                            "needle_tokens": _needle_tokens(s, tok), **sel}
         log(f"  {length} accuracy {i + 1}/{len(samples)} {s.task:15s} depth {s.depth:.2f}: " + " ".join(line))
 
 
@@ -232,17 +232,20 @@ def _selection():
                         "active": d["active"][0].tolist()} for d in sel]}
 
 
-def _needle_token(s: D.Sample, tok) -> int | None:
-    """Token position of the first answer string in the prompt (where the needle sits), for the plot."""
-    target = tok(" " + s.answers[0], add_special_tokens=False).input_ids or tok(s.answers[0]).input_ids
+def _needle_tokens(s: D.Sample, tok) -> list[int]:
+    """Token positions of the needle sentences in the prompt, for the plot (found by their inner tokens, which
+    do not depend on how the sentence's first and last tokens merged with the haystack)."""
     ids = s.input_ids[0].tolist()
-    for k in (target, target[1:]):
-        if not k:
+    found = []
+    for needle in s.meta.get("needles", []):
+        inner = tok(" " + needle.strip(), add_special_tokens=False).input_ids[1:-1]
+        if len(inner) < 2:
             continue
-        for i in range(len(ids) - len(k)):
-            if ids[i:i + len(k)] == k:
-                return i
-    return None
+        for i in range(len(ids) - len(inner) + 1):
+            if ids[i:i + len(inner)] == inner:
+                found.append(i)
+                break
+    return found
 
 
 # -- main ------------------------------------------------------------------------------------------------
