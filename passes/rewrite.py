@@ -99,24 +99,18 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
         return _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, is_first, cfg)
     # ---- attention (PAP) ------------------------------------------------------------------------------
     xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
-    need_scores = schedule.pap or schedule.ltp or lp.prune is not None
-    k_all = scores = None
-    if need_scores or schedule.pap:
-        probe = b("probe", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
-                  _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)
-        k_all, scores = b.item(probe, 0, "probe_k"), b.item(probe, 1, "probe_score")
-        if selector != "probe":
-            scores = b("baseline_score", rt.baseline_scores, selector, x, cand, spec.index, cfg.seed)
+    # The probe's K rows feed the attention in every case; its scores feed PAP, LTP and the prune.
+    probe = b("probe", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
+              _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)
+    k_all, scores = b.item(probe, 0, "probe_k"), b.item(probe, 1, "probe_score")
+    if selector != "probe":
+        scores = b("baseline_score", rt.baseline_scores, selector, x, cand, spec.index, cfg.seed)
     if schedule.pap:
         act = b("select", rt.select_active, scores, last, lp.budget, n_ref)
         xa = b("gather", rt.gather_rows, xn, act)
     else:
         act = b("all_rows", rt.initial_candidates, x)
         xa = xn
-        if k_all is None:
-            probe = b("probe", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
-                      _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)
-            k_all = b.item(probe, 0, "probe_k")
     attn = b("attend", rt.attend_active, xa, act, cand, k_all, a.cos, a.sin, a.mask, a.wq, a.bq, a.wv, a.bv,
              a.wo, a.bo, _norm(a.q_norm), _norm(a.post_norm), a.head_dim, a.scale)
     delta, k_act, v_act = (b.item(attn, i, n) for i, n in enumerate(("attn_out", "k_active", "v_active")))
