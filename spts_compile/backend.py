@@ -45,7 +45,9 @@ class CompileRecord:
     schedule: Any = None
     seq_len: Any = None
     verify_seconds: float = 0.0
-    compile_seconds: float = 0.0
+    proxy_seconds: float = 0.0          # building the LTP proxies (channel ranking + low-rank factors)
+    inductor_seconds: float = 0.0       # code generation of the rewritten graph (and of its dense twin)
+    compile_seconds: float = 0.0        # the whole backend call
     ltp_mode: str | None = None
     cleanup_layers: list[int] = field(default_factory=list)
     rewritten_layers: list[int] = field(default_factory=list)
@@ -66,14 +68,14 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
     before = gm.code if cfg.debug_dir else None
     work = _clone(gm)  # Dynamo reads its own graph after we return: never edit it in place
     try:
-        compiled = _compile(work, example_inputs, cfg, record)
+        compiled = _compile(work, example_inputs, cfg, record, original=gm)
     except (PaddedCacheError, torch._dynamo.exc.TorchDynamoException):
         raise  # refusals, and Dynamo's own control flow (e.g. restart analysis), are not ours to swallow
     except Exception as e:  # never crash the user's model on an analysis problem: fall back to dense
         _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
         log.debug("spts: analysis failure", exc_info=True)
         record.kind, record.reason = "fallback", f"{type(e).__name__}: {e}"
-        compiled = compile_fx(gm, example_inputs)
+        compiled = _inner_compile(cfg, gm, example_inputs)
     record.compile_seconds = time.perf_counter() - t0
     if record.kind in ("prefill", "fallback"):
         _LAST["plan"] = record  # the latest prefill graph, whatever became of it (not a decode step, nor a
@@ -81,6 +83,14 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
     if cfg.debug_dir:
         reporting.write_dump(cfg.debug_dir, record, before, work)
     return compiled
+
+
+def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs):
+    """Inductor by default; with compiler="eager" the (rewritten) FX graph itself runs."""
+    if cfg.compiler == "eager":
+        gm.recompile()
+        return gm.forward
+    return compile_fx(gm, example_inputs)
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -96,19 +106,22 @@ def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
-def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
+def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, original=None):
+    # A graph the backend leaves as it is compiles from Dynamo's own module, not from the working copy,
+    # so that Inductor's cache (keyed on the module) is shared with plain `backend="inductor"` compiles.
+    original = gm if original is None else original
     analysis = locate.analyse(gm)
     record.analysis, record.kind, record.seq_len = analysis, analysis.kind, analysis.seq_len
     if analysis.kind == "none":
         _warn_once(f"spts: no decoder layers matched, compiling with plain Inductor: {analysis.reason}")
         record.reason = analysis.reason
-        return compile_fx(gm, example_inputs)
+        return _inner_compile(cfg, original, example_inputs)
     unmatched = [l for l in analysis.layers if not l.matched]
     if unmatched and len(unmatched) == len(analysis.layers):
         _warn_once(f"spts: no decoder layer could be matched (layer {unmatched[0].index}: {unmatched[0].reason}); "
                    "compiling with plain Inductor")
         record.reason = unmatched[0].reason
-        return compile_fx(gm, example_inputs)
+        return _inner_compile(cfg, original, example_inputs)
     schedule = cfg.resolve(len(analysis.layers))
     record.schedule = schedule
     static_n = analysis.seq_len if isinstance(analysis.seq_len, int) else None
@@ -156,19 +169,24 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord):
     params = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     proxies, watched = {}, []
     if first_skip is not None and schedule.ltp:
+        t = time.perf_counter()
         proxies, watched, record.ltp_mode = _build_proxies(analysis, plan, cfg, params)
+        record.proxy_seconds = time.perf_counter() - t
     if cfg.causal_cleanup:
         record.cleanup_layers = cleanup.apply(gm, analysis, plan)
     result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
     if result is not None:
         record.rewritten_layers = result.rewritten_layers
     extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
-    compiled = compile_fx(gm, list(example_inputs) + extra)
+    t = time.perf_counter()
+    untouched = result is None and not record.cleanup_layers
+    compiled = _inner_compile(cfg, original if untouched else gm, list(example_inputs) + extra)
     dense = None
     if dense_gm is not None:
-        if cfg.causal_cleanup:
-            cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis)
-        dense = compile_fx(dense_gm, example_inputs)
+        changed = cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis) \
+            if cfg.causal_cleanup else []
+        dense = _inner_compile(cfg, dense_gm if changed else original, example_inputs)
+    record.inductor_seconds = time.perf_counter() - t
     if result is None and dense is None:
         return compiled
     pad_index = _placeholder_index(gm, analysis.padding_mask) if compacts_cache else None

@@ -34,6 +34,7 @@ GENERIC_LTP_CHANNEL_FRACTION = Fraction(1, 6)   # D_low as a share of the FFN wi
 GENERIC_LTP_RANK_FRACTION = Fraction(1, 4)      # r as a share of D_low
 
 SELECTORS = ("probe", "recent", "norm", "random", "once")
+COMPILERS = ("inductor", "eager")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class SPTSConfig:
     seed: int = 0
     causal_cleanup: bool = True
     verify: bool = True
+    # What runs the rewritten graph: Inductor (the point of the backend), or the FX graph as it is
+    # ("eager": no code generation; for quick budget sweeps and for debugging a rewrite).
+    compiler: str = "inductor"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -134,6 +138,8 @@ class SPTSConfig:
         if self.selector not in SELECTORS:
             raise ValueError(f"spts: selector must be one of {list(SELECTORS)}, got {self.selector!r}")
         _check_int("seed", self.seed, lo=0)
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"spts: compiler must be one of {list(COMPILERS)}, got {self.compiler!r}")
 
     # -- resolution against a model ----------------------------------------------------------
     def resolve(self, depth: int) -> "Schedule":

@@ -72,7 +72,9 @@ def summary(record) -> dict:
     n = _n_value(record)
     out = {"graph": record.graph_id, "kind": record.kind, "reason": record.reason, "seq_len": n,
            "seq_len_symbolic": not isinstance(record.seq_len, int),
-           "verify_seconds": round(record.verify_seconds, 3), "compile_seconds": round(record.compile_seconds, 3),
+           "verify_seconds": round(record.verify_seconds, 3),
+           "proxy_seconds": round(record.proxy_seconds, 3), "inductor_seconds": round(record.inductor_seconds, 3),
+           "compile_seconds": round(record.compile_seconds, 3),
            "ltp_mode": record.ltp_mode, "causal_cleanup_layers": record.cleanup_layers,
            "rewritten_layers": record.rewritten_layers, "layers": layer_rows(record), "plan": plan_rows(record)}
     if record.schedule is not None:

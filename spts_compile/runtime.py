@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .calibration import ACTIVATIONS, proxy_norm
 from .config import budget_tokens
 
 
@@ -210,22 +211,17 @@ def attend_all(x, cos, sin, mask, wq, bq, wk, bk, wv, bv, wo, bo, norm, q_norm, 
 # LTP: proxy score, FFN on active rows
 # ---------------------------------------------------------------------------------------------
 def activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "silu":
-        return F.silu(x)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if act == "gelu":
-        return F.gelu(x)
-    raise ValueError(f"spts: unknown FFN activation {act!r}")
+    try:
+        return ACTIVATIONS[act](x)
+    except KeyError:
+        raise ValueError(f"spts: unknown FFN activation {act!r}") from None
 
 
 def ltp_scores(hn, gate_in, gate_out, up_in, up_out, down, act: str, attn_scores, real):
-    """S_ffn = ||proxy(hn)|| (times the layer's PAP score when there is one). Padding candidates
-    (`real` False) score -inf: they never compete for the FFN."""
-    g = F.linear(F.linear(hn, gate_in), gate_out)
-    u = F.linear(F.linear(hn, up_in), up_out)
-    proxy = F.linear(activation(g, act) * u, down)
-    score = proxy.to(torch.float32).norm(dim=-1)
+    """S_ffn = ||proxy(hn)|| (`calibration.proxy_norm`, the one definition of the proxy), times the
+    layer's PAP score when there is one. Padding candidates (`real` False) score -inf: they never
+    compete for the FFN."""
+    score = proxy_norm(hn, (gate_in, gate_out, up_in, up_out, down), act)
     score = score if attn_scores is None else score * attn_scores
     return score if real is None else score.masked_fill(~real, float("-inf"))
 

@@ -292,3 +292,36 @@ def test_weights_changed_after_compiling_rebuild_the_ltp_proxy():
         got = f(ids).logits
         want = compile_fn(other.forward, **opts)(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compiler_eager_runs_the_rewrite_without_inductor(monkeypatch):
+    """compiler="eager": the rewritten graph itself runs (no Inductor call at all), and it skips: the
+    logits and KV lengths equal the independent reference's, not dense."""
+    from spts_compile import backend
+    from spts_compile.config import SPTSConfig
+    from spts_compile.passes.plan import ltp_dims
+    from tests.reference import build_proxies, reference_prefill
+
+    def no_inductor(*a, **k):
+        raise AssertionError("Inductor was called with compiler='eager'")
+
+    monkeypatch.setattr(backend, "compile_fx", no_inductor)
+    model = make_model("llama", layers=4)
+    ids, am = make_inputs(1, 40)
+    opts = dict(SKIP_OPTS, compiler="eager")
+    with torch.no_grad():
+        out = compile_fn(model.forward, **opts)(ids, attention_mask=am, use_cache=True)
+    plan = spts_compile.last_plan()
+    assert plan["kind"] == "prefill" and plan["rewritten_layers"] == [1, 2, 3], plan
+    sched = SPTSConfig(**SKIP_OPTS).resolve(4)
+    cfg = model.config
+    channels, rank = ltp_dims(sched, cfg.intermediate_size, cfg.hidden_size)
+    ref = reference_prefill(model, ids, am, schedule=sched, proxies=build_proxies(model, channels, rank))
+    torch.testing.assert_close(out.logits, ref["logits"], atol=1e-4, rtol=1e-5)
+    got_len = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert got_len == [k.shape[-2] for k, _ in ref["kv"]] and got_len[0] == 40 and got_len[-1] < 40, got_len
+
+
+def test_unknown_compiler_is_rejected():
+    with pytest.raises(ValueError, match="compiler"):
+        spts_compile.SPTSConfig(compiler="tvm")

@@ -1,0 +1,179 @@
+"""Choose a preset: accuracy and planned cost of candidate schedules on a real model, without Inductor.
+
+    python -m benchmarks.tune                          # the candidate grid below, SmolLM2, 8K
+    python -m benchmarks.tune --configs preset wide --length 4096 --out results/tune.json
+
+Each candidate is the `spts` backend with `compiler="eager"`: the same rewritten graph that Inductor
+would compile, run as an FX graph, so a candidate costs a trace and a few forwards instead of minutes
+of code generation. Speed is represented by the plan's FLOP ratio (the benchmark measured 96-107% of the
+planned speed-up on this CPU, see README); `benchmarks.run` then measures the chosen preset for real.
+
+Per candidate: last-token KL / top-1 agreement / 16-token greedy match against dense (eager HF) on
+natural texts, exact-match accuracy on needle tasks, and the plan's FLOP and KV ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from . import data as D  # noqa: E402
+from .harness import fidelity, generate_once  # noqa: E402
+from .models import load_model  # noqa: E402
+
+# Candidate schedules (options for the backend; unset fields come from the preset for the model's depth).
+# The generic preset for 30 layers is start 9, ends 12/16/21/26, budgets 0.375/0.25/0.1875/0.125, prune 1/32.
+CANDIDATES: dict[str, dict] = {
+    "preset": {},
+    "no_prune": dict(prune=0),
+    "pap_only": dict(ltp=False),
+    "ltp_only": dict(pap=False),
+    "x1.5": dict(budgets=[0.5625, 0.375, 0.28125, 0.1875]),
+    "x2": dict(budgets=[0.75, 0.5, 0.375, 0.25]),
+    "late": dict(start_layer=12, stage_ends=[15, 19, 23, 27]),
+    "early_wide": dict(start_layer=6, stage_ends=[10, 15, 20, 25], budgets=[0.5, 0.375, 0.25, 0.1875]),
+    "calibrated": dict(calibration="CALIBRATION"),
+    "probe4": dict(probe_queries=4),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--configs", nargs="+", default=list(CANDIDATES), help=f"from {list(CANDIDATES)}")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
+                   help='an extra candidate, e.g. --set \'wide={"budgets": [0.6, 0.5, 0.4, 0.3]}\'')
+    p.add_argument("--texts", type=int, default=3, help="natural texts for KL / top-1 / greedy match")
+    p.add_argument("--tasks", nargs="*", default=["niah_single", "niah_multikey", "passkey", "hard_needle"],
+                   choices=D.TASKS, help="accuracy tasks (none: fidelity only)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/tune.json")
+    a = p.parse_args(argv)
+    unknown = [c for c in a.configs if c not in CANDIDATES]
+    if unknown:
+        p.error(f"unknown config(s) {unknown}; choose from {list(CANDIDATES)} or add one with --set")
+    a.extra = {}
+    for item in a.set:
+        name, _, js = item.partition("=")
+        try:
+            a.extra[name] = json.loads(js)
+        except json.JSONDecodeError as e:
+            p.error(f"--set {item!r}: {e}")
+    return a
+
+
+def calibration_for(model, tok, path: Path):
+    """LTP calibration on text the accuracy suite does not use (Python's pydoc topics), cached on disk."""
+    from spts_compile import Calibration, calibrate
+
+    if path.exists():
+        return Calibration.load(path)
+    ids = D._tokenized("pydoc", tok).ids
+    chunks = [torch.tensor(ids[i:i + 512]) for i in range(0, min(len(ids), 64 * 512), 512)]
+    cal = calibrate(model, chunks, progress=False)
+    cal.save(path)
+    return cal
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    import spts_compile
+    from .run import prompt_tokens
+
+    model, tok = load_model(args.model)
+    args.new_tokens = [16, 64]
+    n_tok = prompt_tokens(args.length, model, args)
+    log(f"{args.model}: {model.config.num_hidden_layers} layers, {n_tok} tokens, threads {torch.get_num_threads()}")
+    texts = D.fidelity_texts(tok, n_tok, count=args.texts, seed=7)
+    samples = D.build_suite(tok, [n_tok], depths=tuple(args.depths), tasks=tuple(args.tasks)) if args.tasks else []
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"meta": {"model": args.model, "n_tokens": n_tok, "threads": torch.get_num_threads(),
+                       "texts": args.texts, "samples": len(samples), "tasks": args.tasks, "depths": args.depths},
+              "dense": {}, "candidates": {}}
+
+    # Dense runs are cached beside the output (keyed by model, text and sample), so a rerun with other
+    # candidates, or a subset of the samples, does not repeat them.
+    cache_path = out_path.with_suffix(".dense.pt")
+    cache = torch.load(cache_path, weights_only=False) if cache_path.exists() else {}
+    key = lambda kind, what: (args.model, n_tok, kind, what)  # noqa: E731
+    dense_texts = []
+    for i, (kind, ids) in enumerate(texts):
+        k = key("text", (kind, i, tuple(ids[0, :8].tolist())))
+        if k not in cache:
+            cache[k] = generate_once(model, ids, 16, fixed_length=True, pad_token_id=tok.pad_token_id)
+            torch.save(cache, cache_path)
+        dense_texts.append(cache[k])
+    dense_scores = []
+    for s in samples:
+        k = key("sample", json.dumps(s.describe(), sort_keys=True, default=str))
+        if k not in cache:
+            r = generate_once(model, s.input_ids, s.max_new_tokens, fixed_length=False,
+                              pad_token_id=tok.pad_token_id, keep_logits=False)
+            cache[k] = s.score(tok.decode(r.new_tokens, skip_special_tokens=True))
+            torch.save(cache, cache_path)
+        dense_scores.append(cache[k])
+    result["dense"] = {"accuracy": sum(dense_scores) / len(dense_scores) if samples else None,
+                       "scores": dense_scores, "samples": [s.describe() for s in samples]}
+    log(f"dense (eager HF): {len(texts)} texts, {len(samples)} samples, accuracy {result['dense']['accuracy']}")
+
+    configs = {c: CANDIDATES[c] for c in args.configs} | args.extra
+    cal_path = Path(spts_compile.__file__).resolve().parent.parent / "results" / f"calibration-{args.model}.pt"
+    if out_path.exists():  # keep earlier candidates of the same setting
+        old = json.loads(out_path.read_text())
+        if old.get("meta") == result["meta"]:
+            result["candidates"] = old.get("candidates", {})
+    for name, opts in configs.items():
+        opts = dict(opts)
+        if opts.get("calibration") == "CALIBRATION":
+            opts["calibration"] = calibration_for(model, tok, cal_path)
+        t0 = time.perf_counter()
+        m = copy.copy(model)
+        m.forward = torch.compile(m.forward, backend="spts", options=dict(min_tokens=256, compiler="eager", **opts))
+        fid = []
+        for (_, ids), dense in zip(texts, dense_texts):
+            fid.append(fidelity(dense, generate_once(m, ids, 16, fixed_length=True, pad_token_id=tok.pad_token_id)))
+        plan = spts_compile.last_plan() or {}
+        scores = []
+        for s in samples:
+            r = generate_once(m, s.input_ids, s.max_new_tokens, fixed_length=False, pad_token_id=tok.pad_token_id,
+                              keep_logits=False)
+            scores.append(s.score(tok.decode(r.new_tokens, skip_special_tokens=True)))
+        row = {
+            "options": {k: (v if k != "calibration" else "pydoc, 64x512 tokens") for k, v in opts.items()},
+            "flop_ratio": plan.get("flop_ratio"), "kv_ratio": plan.get("kv_ratio"),
+            "schedule": plan.get("schedule"),
+            "kl": [f.get("kl") for f in fid], "kl_mean": sum(f["kl"] for f in fid) / len(fid),
+            "top1": sum(f["top1_agree"] for f in fid) / len(fid),
+            "cont_match": sum(f["cont_match"] for f in fid) / len(fid),
+            "accuracy": sum(scores) / len(scores) if scores else None, "scores": scores, "seconds": time.perf_counter() - t0,
+        }
+        result["candidates"][name] = row
+        out_path.write_text(json.dumps(result, indent=1, default=str))
+        log(f"{name:12s} FLOP {row['flop_ratio']:.3f} KV {row['kv_ratio']:.3f}  KL {row['kl_mean']:.3f} "
+            f"{[round(k, 3) for k in row['kl']]}  top1 {row['top1']:.2f}  match16 {row['cont_match']:.2f}  "
+            f"acc {row['accuracy']} (dense {result['dense']['accuracy']})  {row['seconds']:.0f}s")
+        torch._dynamo.reset()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
