@@ -143,6 +143,36 @@ def _load_folder(folder: Path, dtype: torch.dtype):
     return model, tok
 
 
+CALIBRATION_CHUNKS, CALIBRATION_CHUNK_TOKENS = 64, 512
+
+
+def calibration_for(model, tok, name: str):
+    """The LTP calibration of a benchmark model (`spts_compile.calibrate`: each FFN channel's top-rho
+    saliency), on Python's pydoc topics (64 chunks of 512 tokens; text the needle tasks never use),
+    computed once and cached beside the model. Returns a `spts_compile.Calibration`."""
+    from spts_compile import Calibration, calibrate
+
+    from . import data as D
+
+    tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(str(name)).name)
+    path = cache_root() / f"calibration-{tag}-pydoc-{CALIBRATION_CHUNKS}x{CALIBRATION_CHUNK_TOKENS}.pt"
+    if path.exists():
+        try:
+            cal = Calibration.load(path)
+            cal.check_fits(model.config.num_hidden_layers, model.config.hidden_size,
+                           [model.config.intermediate_size] * model.config.num_hidden_layers)
+            return cal
+        except ValueError as e:
+            log.warning("recomputing the calibration: %s", e)
+    ids = D._tokenized("pydoc", tok).ids
+    n = CALIBRATION_CHUNK_TOKENS
+    chunks = [torch.tensor(ids[i:i + n]) for i in range(0, min(len(ids) - n, CALIBRATION_CHUNKS * n), n)]
+    cal = calibrate(model, chunks, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal
+
+
 def chat_ids(tok, user_text: str) -> torch.Tensor:
     """Token ids [1, N] of one user turn in the model's chat template, ready for the answer."""
     msgs = [{"role": "user", "content": user_text}]
@@ -162,9 +192,20 @@ def greedy_answer(model, tok, question: str, max_new_tokens: int = 24) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def _completion(model, tok, prompt: str, max_new_tokens: int = 8) -> str:
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
 def sanity_check(model, tok) -> str:
-    """The dequantised weights must give a sensible greedy answer; raise if they do not."""
-    answer = greedy_answer(model, tok, "What is the capital of France? Answer in one sentence.")
+    """The dequantised weights must give a sensible greedy answer; raise if they do not. Instruction-tuned
+    models (with a chat template) are asked a question; base models complete a question-answer prompt."""
+    if getattr(tok, "chat_template", None):
+        answer = greedy_answer(model, tok, "What is the capital of France? Answer in one sentence.")
+    else:
+        answer = _completion(model, tok, "Question: What is the capital of France?\nAnswer:")
     if "paris" not in answer.lower():
         raise RuntimeError(f"model sanity check failed: asked for the capital of France, got {answer!r}")
     return answer

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from . import data as D  # noqa: E402
 from . import harness as H  # noqa: E402
 from . import report as R  # noqa: E402
-from .models import load_model, sanity_check  # noqa: E402
+from .models import calibration_for, load_model, sanity_check  # noqa: E402
 
 MIN_TOKENS = 256          # spts option: prompts shorter than this run dense; well below every benchmark length
 QUICK = dict(lengths=[8192], reps=2, extra_warmup=0, tasks=["niah_single", "niah_multikey", "passkey", "hard_needle"],
@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"budget sweep: the preset's budgets scaled by {SWEEP_SCALES}")
     p.add_argument("--sweep-length", type=int, help="length for baselines and sweep (default: the longest)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy suite")
+    p.add_argument("--calibrate", action="store_true",
+                   help="LTP channels ranked by a calibration (pydoc text, computed once and cached) instead of "
+                        "the default weights-only ranking")
     p.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                    help="torch.compile(dynamic=...): auto (None, the default) compiles static first")
     # Development only: stand-in backends (e.g. "eager") to exercise the harness without compiling.
@@ -93,22 +96,26 @@ def prompt_tokens(length: int, model, args) -> int:
     return min(length, limit - reserve) if limit else length
 
 
-def build_variants(args, depth: int) -> list[H.Variant]:
+def build_variants(args, depth: int, calibration=None) -> list[H.Variant]:
     from spts_compile.config import SPTSConfig
 
     sb = args.spts_backend
     schedule = SPTSConfig().resolve(depth)
-    spts_opts = (lambda **kw: dict(min_tokens=MIN_TOKENS, **kw)) if sb == "spts" else (lambda **kw: None)
+    skip = {} if calibration is None else {"calibration": calibration}
+    off = lambda **kw: dict(min_tokens=MIN_TOKENS, **kw)  # noqa: E731
+    on = lambda **kw: dict(min_tokens=MIN_TOKENS, **skip, **kw)  # noqa: E731
+    if sb != "spts":
+        off = on = lambda **kw: None  # noqa: E731
     vs = [H.Variant("eager", None, label="eager HF"),
           H.Variant("inductor", args.dense_backend, label="Inductor (dense)"),
-          H.Variant("spts_off", sb, spts_opts(pap=False, ltp=False, msdp=False), label="spts, skipping off"),
-          H.Variant("spts", sb, spts_opts(record_selection=True), label="spts (default preset)")]
+          H.Variant("spts_off", sb, off(pap=False, ltp=False, msdp=False), label="spts, skipping off"),
+          H.Variant("spts", sb, on(record_selection=True), label="spts (default preset)")]
     if args.baselines:
         for s in SELECTORS:
-            vs.append(H.Variant(f"sel_{s}", sb, spts_opts(selector=s), group="baseline", label=f"selector={s}"))
+            vs.append(H.Variant(f"sel_{s}", sb, on(selector=s), group="baseline", label=f"selector={s}"))
     if args.sweep:
         for f in SWEEP_SCALES:
-            vs.append(H.Variant(f"budget_x{f:g}", sb, spts_opts(budgets=scale_budgets(schedule.budgets, f)),
+            vs.append(H.Variant(f"budget_x{f:g}", sb, on(budgets=scale_budgets(schedule.budgets, f)),
                                 group="sweep", label=f"budgets x{f:g}"))
     return vs
 
@@ -267,7 +274,12 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model)
     answer = sanity_check(model, tok)
     log(f"model {args.model}: {type(model).__name__}, {model.config.num_hidden_layers} layers; sanity: {answer!r}")
-    variants = build_variants(args, model.config.num_hidden_layers)
+    calibration = None
+    if args.calibrate and args.spts_backend == "spts":
+        t = time.perf_counter()
+        calibration = calibration_for(model, tok, args.model)
+        log(f"LTP calibration: {calibration!r} ({time.perf_counter() - t:.1f}s)")
+    variants = build_variants(args, model.config.num_hidden_layers, calibration)
     for v in variants:
         H.make_variant(model, v, dynamic=dynamic)
     from spts_compile.config import SPTSConfig
@@ -282,6 +294,7 @@ def main(argv=None) -> int:
             "cpu_count": os.cpu_count(), "lengths": args.lengths, "reps": args.reps,
             "extra_warmup": args.extra_warmup, "new_tokens": args.new_tokens, "sweep_length": args.sweep_length,
             "dynamic": args.dynamic, "sanity_answer": answer,
+            "ltp_calibration": None if calibration is None else repr(calibration),
             "preset": {"name": sched.preset, "start_layer": sched.start_layer, "stage_ends": sched.stage_ends,
                        "budgets": sched.budgets, "prune": sched.prune},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": os.getloadavg(),

@@ -28,21 +28,33 @@ import torch  # noqa: E402
 
 from . import data as D  # noqa: E402
 from .harness import fidelity, generate_once  # noqa: E402
-from .models import load_model  # noqa: E402
+from .models import calibration_for, load_model  # noqa: E402
 
 # Candidate schedules (options for the backend; unset fields come from the preset for the model's depth).
-# The generic preset for 30 layers is start 9, ends 12/16/21/26, budgets 0.375/0.25/0.1875/0.125, prune 1/32.
+# Layer indices are written for SmolLM2's 30 layers. "CALIBRATION" stands for the cached pydoc calibration.
+# The default preset for 30 layers is `preset`: start 12, ends 15/19/23/27, budgets 0.375/0.25/0.1875/0.125
+# of N, prune N/32; `early` is the paper's Llama schedule scaled by depth alone (the first generic preset).
+EARLY = dict(start_layer=9, stage_ends=[12, 16, 21, 26])
+X = lambda f: dict(budgets=[0.375 * f, 0.25 * f, 0.1875 * f, 0.125 * f])  # noqa: E731
+CAL = dict(calibration="CALIBRATION")
 CANDIDATES: dict[str, dict] = {
     "preset": {},
-    "no_prune": dict(prune=0),
-    "pap_only": dict(ltp=False),
-    "ltp_only": dict(pap=False),
-    "x1.5": dict(budgets=[0.5625, 0.375, 0.28125, 0.1875]),
-    "x2": dict(budgets=[0.75, 0.5, 0.375, 0.25]),
-    "late": dict(start_layer=12, stage_ends=[15, 19, 23, 27]),
-    "early_wide": dict(start_layer=6, stage_ends=[10, 15, 20, 25], budgets=[0.5, 0.375, 0.25, 0.1875]),
-    "calibrated": dict(calibration="CALIBRATION"),
-    "probe4": dict(probe_queries=4),
+    "cal": dict(CAL),
+    "x1.5_cal": dict(CAL, **X(1.5)),
+    "early": dict(EARLY),
+    "early_cal": dict(EARLY, **CAL),
+    "early_no_prune": dict(EARLY, prune=0),
+    "early_pap_only": dict(EARLY, ltp=False),
+    "early_ltp_only": dict(EARLY, pap=False),
+    "early_x1.25_cal": dict(EARLY, **CAL, **X(1.25)),
+    "early_x1.5_cal": dict(EARLY, **CAL, **X(1.5)),
+    "early_x2": dict(EARLY, **X(2)),
+    "early_x2_cal": dict(EARLY, **CAL, **X(2)),
+    "early_cal_rank": dict(EARLY, **CAL, ltp_channels=512, ltp_rank=128),
+    "early_2stage_cal": dict(CAL, start_layer=9, stage_ends=[14, 22], budgets=[0.4375, 0.21875], prune=0.0625),
+    "start6_wide": dict(start_layer=6, stage_ends=[10, 15, 20, 25], budgets=[0.5, 0.375, 0.25, 0.1875]),
+    # the same budgets as `preset`, other selection rules (issue 5's baselines)
+    **{f"sel_{k}": dict(selector=k) for k in ("recent", "norm", "random", "once")},
 }
 
 
@@ -54,7 +66,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--configs", nargs="+", default=list(CANDIDATES), help=f"from {list(CANDIDATES)}")
+    p.add_argument("--configs", nargs="*", default=list(CANDIDATES), help=f"from {list(CANDIDATES)} (none: only --set ones)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
                    help='an extra candidate, e.g. --set \'wide={"budgets": [0.6, 0.5, 0.4, 0.3]}\'')
     p.add_argument("--texts", type=int, default=3, help="natural texts for KL / top-1 / greedy match")
@@ -75,19 +87,6 @@ def parse_args(argv=None):
         except json.JSONDecodeError as e:
             p.error(f"--set {item!r}: {e}")
     return a
-
-
-def calibration_for(model, tok, path: Path):
-    """LTP calibration on text the accuracy suite does not use (Python's pydoc topics), cached on disk."""
-    from spts_compile import Calibration, calibrate
-
-    if path.exists():
-        return Calibration.load(path)
-    ids = D._tokenized("pydoc", tok).ids
-    chunks = [torch.tensor(ids[i:i + 512]) for i in range(0, min(len(ids), 64 * 512), 512)]
-    cal = calibrate(model, chunks, progress=False)
-    cal.save(path)
-    return cal
 
 
 def main(argv=None) -> int:
@@ -136,7 +135,6 @@ def main(argv=None) -> int:
     log(f"dense (eager HF): {len(texts)} texts, {len(samples)} samples, accuracy {result['dense']['accuracy']}")
 
     configs = {c: CANDIDATES[c] for c in args.configs} | args.extra
-    cal_path = Path(spts_compile.__file__).resolve().parent.parent / "results" / f"calibration-{args.model}.pt"
     if out_path.exists():  # keep earlier candidates of the same setting
         old = json.loads(out_path.read_text())
         if old.get("meta") == result["meta"]:
@@ -144,7 +142,7 @@ def main(argv=None) -> int:
     for name, opts in configs.items():
         opts = dict(opts)
         if opts.get("calibration") == "CALIBRATION":
-            opts["calibration"] = calibration_for(model, tok, cal_path)
+            opts["calibration"] = calibration_for(model, tok, args.model)
         t0 = time.perf_counter()
         m = copy.copy(model)
         m.forward = torch.compile(m.forward, backend="spts", options=dict(min_tokens=256, compiler="eager", **opts))
