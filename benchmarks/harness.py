@@ -31,6 +31,14 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 
+def setup_process(threads: int) -> None:
+    """Pin the thread count, and lift Dynamo's recompile limits: a benchmark compiles many graphs (one
+    set per configuration) in one process."""
+    torch.set_num_threads(threads)
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+
+
 # -- configurations --------------------------------------------------------------------------------------
 
 class CountingBackend:

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     result = {"meta": {"model": args.model, "model_class": type(model).__name__, "length": args.length,
                        "threads": torch.get_num_threads(), "reps": args.reps, "torch": torch.__version__,
                        "transformers": __import__("transformers").__version__,
-                       "ltp_calibration": repr(opts.get("calibration"))}}
+                       "ltp_calibration": repr(opts.get("calibration")), "loadavg_start": os.getloadavg()}}
     first = {}
     plan = None
     for name in runs:
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         "fidelity": fid, "kl_mean": sum(f["kl"] for f in fid) / len(fid) if fid else None,
         "top1": sum(f["top1_agree"] for f in fid) / len(fid) if fid else None,
     })
+    result["meta"]["loadavg_end"] = os.getloadavg()
     ratio = (plan or {}).get("flop_ratio")
     if ratio:
         result["fraction_of_planned"] = result["speedup_vs_inductor"] * ratio

@@ -260,10 +260,7 @@ def _needle_tokens(s: D.Sample, tok) -> list[int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    # Each configuration compiles its own graphs for the same code object: lift Dynamo's per-code limit.
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    H.setup_process(args.threads)
     dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

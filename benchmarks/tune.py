@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from . import data as D  # noqa: E402
-from .harness import fidelity, generate_once  # noqa: E402
+from .harness import fidelity, generate_once, setup_process  # noqa: E402
 from .models import calibration_for, load_model  # noqa: E402
 
 # Candidate schedules (options for the backend; unset fields come from the preset for the model's depth).
@@ -91,9 +91,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    setup_process(args.threads)
     import spts_compile
     from .run import prompt_tokens
 
