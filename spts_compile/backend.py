@@ -154,15 +154,12 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     record.plan = plan
     compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector == "once") and \
         any(l.attn.k_out is not None for l in analysis.layers if l.matched)
-    pm_example = params_value(gm, example_inputs, analysis.padding_mask) if analysis.padding_mask is not None else None
-    if first_skip is not None and pm_example is not None and pm_example.shape[0] > 1 \
-            and not bool(pm_example.bool().all()) and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
+    padded = _is_padded_batch(params_value(gm, example_inputs, analysis.padding_mask))
+    if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
         _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
                    "row's selection depends on the batch's padding; give int budgets for row-independent results")
-    if compacts_cache and analysis.padding_mask is not None:
-        pm = params_value(gm, example_inputs, analysis.padding_mask)
-        if pm is not None and pm.shape[0] > 1 and not bool(pm.bool().all()):
-            raise PaddedCacheError(PADDED_CACHE_MESSAGE)
+    if compacts_cache and padded:
+        raise PaddedCacheError(PADDED_CACHE_MESSAGE)
     dense_gm = None
     if first_skip is not None and isinstance(analysis.seq_len, torch.SymInt) and schedule.min_tokens > 1:
         dense_gm = _clone(gm)  # short prompts at run time take the dense graph
@@ -202,6 +199,11 @@ PADDED_CACHE_MESSAGE = (
 
 class PaddedCacheError(ValueError):
     """A padded batch asked for a compacted KV cache: refused, with how to run it instead."""
+
+
+def _is_padded_batch(padding_mask) -> bool:
+    """Batch > 1 with padding somewhere in the 2D attention mask."""
+    return padding_mask is not None and padding_mask.shape[0] > 1 and not bool(padding_mask.bool().all())
 
 
 def _placeholder_index(gm, node) -> int | None:
@@ -294,10 +296,8 @@ class _Runner:
             n = args[self.seq_source].shape[1]
             if n < self.min_tokens:
                 return self.dense(*args)
-        if self.pad_index is not None:
-            pm = args[self.pad_index]
-            if pm.shape[0] > 1 and not bool(pm.bool().all()):
-                raise PaddedCacheError(PADDED_CACHE_MESSAGE)
+        if self.pad_index is not None and _is_padded_batch(args[self.pad_index]):
+            raise PaddedCacheError(PADDED_CACHE_MESSAGE)
         self._refresh_proxies()
         out = self.compiled(*args, *self.extra) if self.extra else self.compiled(*args)
         if self.n_records:

@@ -139,7 +139,7 @@ def _low_rank_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     evals, evecs = evals.flip(0)[:rank].clamp(min=0), evecs.flip(1)[:, :rank]
     s = evals.sqrt()
     # Directions with a zero singular value contribute nothing; keep them exactly zero.
-    inv = torch.where(s > s.max() * 1e-12, 1.0 / s.clamp(min=1e-300), torch.zeros_like(s)) if s.numel() else s
+    inv = torch.where(s > s.max() * 1e-12, 1.0 / s.clamp(min=1e-300), torch.zeros_like(s))
     root = s.sqrt()
     if wide:   # evecs = U [D_low, r]; V^T = diag(1/s) U^T A
         outer = evecs * root[None, :]
