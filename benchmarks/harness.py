@@ -282,16 +282,20 @@ def spread(values: list[float]) -> dict:
             "all": [round(x, 4) for x in values if x is not None]}
 
 
+def logit_fidelity(dense_logits: torch.Tensor, other_logits: torch.Tensor) -> dict:
+    """KL(dense || other) of one next-token distribution (in float64), and whether the argmax agrees."""
+    p = torch.log_softmax(dense_logits.double(), -1)
+    q = torch.log_softmax(other_logits.double(), -1)
+    return {"kl": float((p.exp() * (p - q)).sum()), "top1_agree": bool(dense_logits.argmax() == other_logits.argmax())}
+
+
 def fidelity(dense: CallResult, other: CallResult, horizon: int = 32) -> dict:
     """KL(dense || other) of the last prompt token's next-token distribution, top-1 agreement, and the
     greedy continuations' token match over `horizon` tokens (fraction equal position by position, and
     the length of the common prefix)."""
     out: dict = {}
     if dense.first_logits is not None and other.first_logits is not None:
-        p = torch.log_softmax(dense.first_logits.double(), -1)
-        q = torch.log_softmax(other.first_logits.double(), -1)
-        out["kl"] = float((p.exp() * (p - q)).sum())
-        out["top1_agree"] = bool(dense.first_logits.argmax() == other.first_logits.argmax())
+        out.update(logit_fidelity(dense.first_logits, other.first_logits))
     a, b = dense.new_tokens[:horizon], other.new_tokens[:horizon]
     h = min(len(a), len(b))
     if h:

@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from . import data as D  # noqa: E402
-from .harness import own_entry  # noqa: E402
+from .harness import Variant, logit_fidelity, make_variant  # noqa: E402
 from .models import calibration_for, load_model  # noqa: E402
 
 
@@ -52,16 +52,14 @@ def main(argv=None) -> int:
     opts = dict(min_tokens=256)
     if args.calibrate:
         opts["calibration"] = calibration_for(model, tok, args.model)
-    fwd = type(model).forward.__get__(model)
-    runs = {"inductor": torch.compile(own_entry(fwd, "inductor"), backend="inductor"),
-            "spts": torch.compile(own_entry(fwd, "spts"), backend="spts", options=opts)}
+    runs = {v.name: make_variant(model, v).model for v in (Variant("inductor", "inductor"), Variant("spts", "spts", opts))}
     texts = D.fidelity_texts(tok, args.length, count=max(args.texts, 1), seed=11)
 
     def call(name, ids):
         with torch.no_grad():
             t = time.perf_counter()
             out = runs[name](input_ids=ids, use_cache=False, logits_to_keep=1)
-            return time.perf_counter() - t, out.logits[0, -1].double()
+            return time.perf_counter() - t, out.logits[0, -1]
 
     result = {"meta": {"model": args.model, "model_class": type(model).__name__, "length": args.length,
                        "threads": torch.get_num_threads(), "reps": args.reps, "torch": torch.__version__,
@@ -81,10 +79,7 @@ def main(argv=None) -> int:
         log(f"rep {rep + 1}: " + "  ".join(f"{n} {times[n][-1]:.2f}s" for n in runs))
     fid = []
     for kind, ids in texts[:args.texts]:
-        _, p_log = call("inductor", ids)
-        _, q_log = call("spts", ids)
-        lp, lq = torch.log_softmax(p_log, -1), torch.log_softmax(q_log, -1)
-        fid.append({"text": kind, "kl": float((lp.exp() * (lp - lq)).sum()), "top1_agree": bool(lp.argmax() == lq.argmax())})
+        fid.append({"text": kind, **logit_fidelity(call("inductor", ids)[1], call("spts", ids)[1])})
     med = {n: statistics.median(t) for n, t in times.items()}
     result.update({
         "first_call_seconds": first, "prefill_s": {n: {"median": med[n], "all": times[n]} for n in runs},

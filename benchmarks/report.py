@@ -8,7 +8,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 PLAN_KEYS = ("graph", "kind", "reason", "seq_len", "seq_len_symbolic", "flop_ratio", "kv_ratio", "ltp_mode",
-             "ltp_channels", "ltp_rank", "verify_seconds", "compile_seconds", "rewritten_layers", "schedule",
+             "ltp_channels", "ltp_rank", "verify_seconds", "proxy_seconds", "inductor_seconds", "compile_seconds", "rewritten_layers", "schedule",
              "flops_dense", "flops_planned", "flops_dense_at_n", "flops_planned_at_n")
 
 # Issue 5's targets on this CPU, fp32, SmolLM2 at 8K with the default preset.

@@ -14,7 +14,6 @@ natural texts, exact-match accuracy on needle tasks, and the plan's FLOP and KV 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from . import data as D  # noqa: E402
-from .harness import fidelity, generate_once, setup_process  # noqa: E402
+from .harness import Variant, fidelity, generate_once, make_variant, setup_process  # noqa: E402
 from .models import calibration_for, load_model  # noqa: E402
 
 # Candidate schedules (options for the backend; unset fields come from the preset for the model's depth).
@@ -142,8 +141,7 @@ def main(argv=None) -> int:
         if opts.get("calibration") == "CALIBRATION":
             opts["calibration"] = calibration_for(model, tok, args.model)
         t0 = time.perf_counter()
-        m = copy.copy(model)
-        m.forward = torch.compile(m.forward, backend="spts", options=dict(min_tokens=256, compiler="eager", **opts))
+        m = make_variant(model, Variant(name, "spts", dict(min_tokens=256, compiler="eager", **opts))).model
         fid = []
         for (_, ids), dense in zip(texts, dense_texts):
             fid.append(fidelity(dense, generate_once(m, ids, 16, fixed_length=True, pad_token_id=tok.pad_token_id)))
