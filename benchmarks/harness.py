@@ -105,17 +105,18 @@ class Variant:
         return sum(c["seconds"] for c in self.counter.calls) if self.counter else 0.0
 
 
-def make_variant(base_model, variant: Variant, dynamic: bool | None = None) -> Variant:
+def make_variant(base_model, variant: Variant, dynamic: bool | None = None, tag: str | None = None) -> Variant:
     """A shallow copy of the model (weights shared) with its own compiled forward.
 
     Each configuration compiles its own entry function (a fresh code object). Dynamo keeps its
     automatic-dynamic state per code object: had every configuration compiled `LlamaForCausalLM.forward`
     itself, the second configuration's first graph would already be compiled with dynamic shapes (a
-    "recompile" of the first one's), unlike what a user who compiles one model sees."""
+    "recompile" of the first one's), unlike what a user who compiles one model sees. A new `tag` gives the
+    same configuration a fresh entry again (the main job does so per prompt length)."""
     m = copy.copy(base_model)
     if variant.backend is not None:
         variant.counter = CountingBackend(variant.backend, variant.options)
-        m.forward = torch.compile(own_entry(type(m).forward.__get__(m), variant.name), backend=variant.counter,
+        m.forward = torch.compile(own_entry(type(m).forward.__get__(m), tag or variant.name), backend=variant.counter,
                                   dynamic=dynamic)
     variant.model = m
     return variant

@@ -34,7 +34,7 @@ MIN_TOKENS = 256          # spts option: prompts shorter than this run dense; we
 QUICK = dict(lengths=[8192], reps=2, extra_warmup=0, tasks=["niah_single", "niah_multikey", "passkey", "hard_needle"],
              per_task=1, depths=[0.5], fidelity_texts=1, baselines=False, sweep=False, spts_off_accuracy=False)
 FULL = dict(lengths=[2048, 4096, 8192], reps=3, extra_warmup=1, tasks=list(D.TASKS), per_task=None,
-            depths=[0.1, 0.5, 0.9], fidelity_texts=3, baselines=True, sweep=True, spts_off_accuracy=True)
+            depths=[0.25, 0.75], fidelity_texts=3, baselines=True, sweep=True, spts_off_accuracy=True)
 SELECTORS = ["recent", "norm", "random", "once"]
 SWEEP_SCALES = [0.25, 0.5, 2.0]
 WARM_NEW_TOKENS = 4   # x1 is the default preset itself
@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibrate", action="store_true",
                    help="LTP channels ranked by a calibration (pydoc text, computed once and cached) instead of "
                         "the default weights-only ranking")
+    p.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+                   help='spts options for the spts configurations (baselines and sweep build on them), e.g. '
+                        '\'{"start_layer": 9, "stage_ends": [12, 16, 21, 26]}\' or \'{"selector": "once"}\'')
     p.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                    help="torch.compile(dynamic=...): auto (None, the default) compiles static first")
     # Development only: stand-in backends (e.g. "eager") to exercise the harness without compiling.
@@ -82,6 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in mode.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
+    if not isinstance(a.options, dict):
+        p.error("--options must be a JSON object")
+    try:
+        from spts_compile.config import SPTSConfig
+        SPTSConfig(**a.options)
+    except (TypeError, ValueError) as e:
+        p.error(f"--options: {e}")
     a.sweep_length = a.sweep_length or max(a.lengths)
     if a.sweep_length not in a.lengths:
         p.error(f"--sweep-length {a.sweep_length} must be one of --lengths {a.lengths}")
@@ -100,16 +110,16 @@ def build_variants(args, depth: int, calibration=None) -> list[H.Variant]:
     from spts_compile.config import SPTSConfig
 
     sb = args.spts_backend
-    schedule = SPTSConfig().resolve(depth)
-    skip = {} if calibration is None else {"calibration": calibration}
+    schedule = SPTSConfig(**args.options).resolve(depth)
+    skip = dict(args.options, **({} if calibration is None else {"calibration": calibration}))
     off = lambda **kw: dict(min_tokens=MIN_TOKENS, **kw)  # noqa: E731
-    on = lambda **kw: dict(min_tokens=MIN_TOKENS, **skip, **kw)  # noqa: E731
+    on = lambda **kw: {"min_tokens": MIN_TOKENS, **skip, **kw}  # noqa: E731
     if sb != "spts":
         off = on = lambda **kw: None  # noqa: E731
     vs = [H.Variant("eager", None, label="eager HF"),
           H.Variant("inductor", args.dense_backend, label="Inductor (dense)"),
           H.Variant("spts_off", sb, off(pap=False, ltp=False, msdp=False), label="spts, skipping off"),
-          H.Variant("spts", sb, on(record_selection=True), label="spts (default preset)")]
+          H.Variant("spts", sb, on(record_selection=True), label="spts (default preset)" if not args.options else "spts (--options)")]
     if args.baselines:
         for s in SELECTORS:
             vs.append(H.Variant(f"sel_{s}", sb, on(selector=s), group="baseline", label=f"selector={s}"))
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
         H.make_variant(model, v, dynamic=dynamic)
     from spts_compile.config import SPTSConfig
 
-    sched = SPTSConfig(min_tokens=MIN_TOKENS).resolve(model.config.num_hidden_layers)
+    sched = SPTSConfig(**dict(args.options, min_tokens=MIN_TOKENS)).resolve(model.config.num_hidden_layers)
     results = {
         "meta": {
             "argv": sys.argv[1:], "quick": args.quick, "model": args.model, "model_class": type(model).__name__,
@@ -290,7 +300,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "lengths": args.lengths, "reps": args.reps,
             "extra_warmup": args.extra_warmup, "new_tokens": args.new_tokens, "sweep_length": args.sweep_length,
-            "dynamic": args.dynamic, "sanity_answer": answer,
+            "dynamic": args.dynamic, "sanity_answer": answer, "options": args.options,
             "ltp_calibration": None if calibration is None else repr(calibration),
             "preset": {"name": sched.preset, "start_layer": sched.start_layer, "stage_ends": sched.stage_ends,
                        "budgets": sched.budgets, "prune": sched.prune},
@@ -300,8 +310,11 @@ def main(argv=None) -> int:
         "speed": [], "accuracy_samples": [], "fidelity": [], "compile": {},
     }
     compile_log: dict = {}
-    for length in args.lengths:
+    for i, length in enumerate(args.lengths):
         n_tok = prompt_tokens(length, model, args)
+        if i:  # a fresh entry per length: each length compiles its own static prefill graph (see README)
+            for v in variants:
+                H.make_variant(model, v, dynamic=dynamic, tag=f"{v.name}@{length}")
         log(f"length {length}: timing prompt = {n_tok} tokens of the essays")
         kind, ids = D.fidelity_texts(tok, n_tok, count=1, seed=1)[0]
         dense = speed_phase(args, variants, length, ids, tok, results, compile_log)

@@ -38,6 +38,7 @@ class Plan:
     schedule: Schedule | None = None
     ltp_channels: int | None = None
     ltp_rank: int | None = None
+    selector: str = "probe"
 
     @property
     def skipping(self) -> list[LayerPlan]:
@@ -69,10 +70,11 @@ def ltp_dims(schedule: Schedule, intermediate: int, hidden: int) -> tuple[int, i
     return channels, min(rank, channels, hidden)
 
 
-def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | None) -> Plan:
+def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | None, selector: str = "probe") -> Plan:
     """first_skip: the first layer that will actually skip (start_layer, or later when a layer in the
-    range could not be matched or verified); None when nothing skips."""
-    plan = Plan(schedule=schedule)
+    range could not be matched or verified); None when nothing skips. With selector "once" the candidate
+    set shrinks to each layer's budget for good and the layer runs dense on it (no prune, no LTP)."""
+    plan = Plan(schedule=schedule, selector=selector)
     cand = N
     for spec in analysis.layers:
         lp = LayerPlan(index=spec.index, mode="dense")
@@ -82,17 +84,19 @@ def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | Non
             lp.budget = schedule.budgets[lp.stage]
             lp.candidates = cand
             lp.active = sympy.Min(tokens(lp.budget), cand)
-            if schedule.is_stage_end(spec.index):
+            if selector == "once":
+                cand = lp.active
+            elif schedule.is_stage_end(spec.index):
                 lp.prune = schedule.prune[lp.stage]
                 cand = cand - sympy.Min(tokens(lp.prune), cand - 1)
         elif spec.index >= schedule.start_layer and first_skip is None:
             lp.note = "dense: skipping is off for this graph"
-        _count_flops(lp, spec, schedule, plan)
+        _count_flops(lp, spec, schedule, plan, first=spec.index == first_skip)
         plan.layers.append(lp)
     return plan
 
 
-def _count_flops(lp: LayerPlan, spec: LayerSpec, schedule: Schedule, plan: Plan) -> None:
+def _count_flops(lp: LayerPlan, spec: LayerSpec, schedule: Schedule, plan: Plan, first: bool = False) -> None:
     if spec.attn is None or spec.ffn is None:
         lp.flops_dense = lp.flops_planned = sympy.Integer(0)
         lp.note = lp.note or "not matched: FLOPs not counted"
@@ -114,13 +118,18 @@ def _count_flops(lp: LayerPlan, spec: LayerSpec, schedule: Schedule, plan: Plan)
         return
     c, m, p = lp.candidates, lp.active, schedule.probe_queries
     probe = 2 * c * d * kv_w + 2 * p * d * q_w + 2 * p * c * q_w
+    lp.kv_tokens = m
+    if plan.selector == "once":  # the first layer probes its candidates; every layer runs dense on its m rows
+        lp.flops_planned = (probe if first else 0) + attention(m) + ffn(m) + 2 * d * q_w + 2 * m * q_w
+        return
     if schedule.pap:
         attn = probe + 2 * m * d * (q_w + kv_w) + 2 * q_w * m ** 2 + 2 * m * q_w * d
-        lp.kv_tokens = m
     else:
         attn = attention(c) + (probe - 2 * c * d * kv_w if (schedule.ltp or schedule.msdp) else 0)
         lp.kv_tokens = c
-    if schedule.ltp:
+    if schedule.ltp and plan.selector != "probe":  # baselines score the FFN with their attention scores
+        ffn_cost = ffn(m)
+    elif schedule.ltp:
         channels, rank = ltp_dims(schedule, inter, d)
         plan.ltp_channels, plan.ltp_rank = channels, rank
         ffn_cost = 2 * c * (2 * d * rank + 2 * rank * channels + channels * d) + ffn(m)

@@ -96,7 +96,7 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     selector = cfg.selector
     # ---- "once" baseline: probe at the first skipping layer only, then prune by that score -------------
     if selector == "once":
-        return _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, is_first, cfg)
+        return _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg)
     # ---- attention (PAP) ------------------------------------------------------------------------------
     xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
     # The probe's K rows feed the attention in every case; its scores feed PAP, LTP and the prune.
@@ -121,8 +121,8 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     # ---- FFN (LTP) ------------------------------------------------------------------------------------
     hn = b("ffn_norm", rt.norm_apply, h, _norm(f.norm))
     if schedule.ltp:
-        consts = _proxy_nodes(gm, b, spec.index, proxies[spec.index], result)
         if selector == "probe":
+            consts = _proxy_nodes(gm, b, spec.index, proxies[spec.index], result)
             s_ffn = b("ltp_score", rt.ltp_scores, hn, *consts, f.act, scores if schedule.pap else None,
                       state["real"])
         else:
@@ -152,7 +152,7 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     return full, (k_act, v_act)
 
 
-def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, is_first, cfg):
+def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg):
     """Prune-once baseline (GemFilter-like): score tokens with the first skipping layer's probe only,
     shrink the candidate set to each stage's budget by that score, and run every layer dense on it."""
     a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
@@ -171,6 +171,10 @@ def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, 
     if state["real"] is not None:
         state["real"] = b("once_real", torch.gather, state["real"], 1, keep)
     last = b("once_last", rt.locate_in_candidates, cand, last_pos)
+    if cfg.record_selection:  # both blocks run on every kept row
+        for block in ("attn", "ffn"):
+            records.append(b(f"kept_{block}", torch.clone, cand))
+            result.record_names.append((spec.index, block))
     xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
     probe = b("keys", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
               _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, 1)

@@ -150,7 +150,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
         if first_skip is None:
             bad = next(l for l in analysis.layers[::-1] if not (l.matched and l.verified))
             _warn_once(f"spts: no layer can skip (layer {bad.index}: {bad.reason or bad.verify_note}); dense Inductor")
-    plan = planning.make_plan(analysis, schedule, first_skip)
+    plan = planning.make_plan(analysis, schedule, first_skip, cfg.selector)
     record.plan = plan
     compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector == "once") and \
         any(l.attn.k_out is not None for l in analysis.layers if l.matched)
@@ -165,7 +165,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
         dense_gm = _clone(gm)  # short prompts at run time take the dense graph
     params = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     proxies, watched = {}, []
-    if first_skip is not None and schedule.ltp:
+    if first_skip is not None and schedule.ltp and cfg.selector == "probe":  # only the probe uses the proxies
         t = time.perf_counter()
         proxies, watched, record.ltp_mode = _build_proxies(analysis, plan, cfg, params)
         record.proxy_seconds = time.perf_counter() - t

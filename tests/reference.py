@@ -199,8 +199,12 @@ def last_positions(attention_mask: Tensor | None, batch: int, n: int) -> list[in
 @torch.no_grad()
 def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, schedule: Schedule,
                       proxies: dict[int, tuple] | None = None, output_hidden_states: bool = False,
-                      record_blocks: bool = False) -> dict:
+                      record_blocks: bool = False, selector: str = "probe") -> dict:
     """SPTS prefill of `input_ids` [B, N] exactly as SEMANTICS.md defines it.
+
+    selector="once" is the prune-once mode instead: the first skipping layer's probe scores the
+    candidates once; each skipping layer keeps the top M of its candidates by that score for good
+    (no prune, no LTP) and runs densely on them.
 
     Returns a dict:
       logits [B, N, V];
@@ -225,12 +229,14 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
     depth = len(layers)
     if schedule.depth != depth:
         raise ValueError(f"schedule is for {schedule.depth} layers, the model has {depth}")
-    if schedule.ltp and proxies is None:
+    if selector not in ("probe", "once"):
+        raise ValueError(f"the reference implements selectors 'probe' and 'once', not {selector!r}")
+    if schedule.ltp and proxies is None and selector == "probe":
         width = mlp_weights(layers[0].mlp)[0].shape[0]
         channels = schedule.ltp_channels or max(1, width // 6)
         proxies = build_proxies(model, channels, schedule.ltp_rank or max(1, channels // 4))
 
-    rows = [_prefill_row(model, input_ids[b], attention_mask[b], last, schedule, proxies, record_blocks)
+    rows = [_prefill_row(model, input_ids[b], attention_mask[b], last, schedule, proxies, record_blocks, selector)
             for b, last in enumerate(last_positions(attention_mask, b_size, n))]
 
     def stack(get):
@@ -260,7 +266,7 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
 
 
 def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedule, proxies,
-                 record_blocks: bool = False) -> dict:
+                 record_blocks: bool = False, selector: str = "probe") -> dict:
     """One batch row through every layer. Returns per-layer full-length hidden states, KV and selections."""
     config = model.config
     n = ids.shape[0]
@@ -273,6 +279,16 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
     all_dense = n < schedule.min_tokens
     act_name = proxy_act(model)
     kvs, kept = [], []
+    once_scores = None
+
+    def probe(attn, xn, k_all, cos_all, sin_all, last_c, window):
+        """S_mha [C]: the last probe_queries queries' softmax weights over the candidates, head-averaged."""
+        pq = schedule.probe_queries
+        rows = torch.tensor([max(last_c - pq + 1 + i, 0) for i in range(pq)])
+        rows = rows[real[cand[rows]]] if real[cand[rows]].any() else rows
+        qp = _rope(_project_q(attn, xn[rows]), cos_all[cand[rows]], sin_all[cand[rows]])
+        probs = _attention_probs(qp, k_all, allowed(cand[rows], cand, real, window), attn.scaling)
+        return probs.float().mean(dim=(0, 1))
 
     for l, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -284,20 +300,23 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         c = cand.shape[0]
         last_c = int((cand == last_pos).nonzero()[0, 0])
         m = max(1, min(budget_tokens(schedule.budgets[stage], n), c)) if skipping else c
+        once = skipping and selector == "once"
+        if once:  # prune-once: score with the first skipping layer's probe, keep the top m for good
+            if once_scores is None:
+                xn0 = attn_norm(x_c)
+                k0 = _rope(_project_kv(attn, xn0)[0], cos_all[cand], sin_all[cand])
+                once_scores = probe(attn, xn0, k0, cos_all, sin_all, last_c, window)
+            keep = select_top(once_scores, m, last_c)
+            cand, x_c, once_scores = cand[keep], x_c[keep], once_scores[keep]
+            c = m
+            last_c = int((cand == last_pos).nonzero()[0, 0])
 
         # -- attention (PAP) --
         xn = attn_norm(x_c)
         k_pre, v_all = _project_kv(attn, xn)
         k_all = _rope(k_pre, cos_all[cand], sin_all[cand])        # [Hkv, C, hd]
-        s_mha = None
-        if skipping:
-            pq = schedule.probe_queries
-            rows = torch.tensor([max(last_c - pq + 1 + i, 0) for i in range(pq)])
-            rows = rows[real[cand[rows]]] if real[cand[rows]].any() else rows
-            qp = _rope(_project_q(attn, xn[rows]), cos_all[cand[rows]], sin_all[cand[rows]])
-            probs = _attention_probs(qp, k_all, allowed(cand[rows], cand, real, window), attn.scaling)
-            s_mha = probs.float().mean(dim=(0, 1))                # [C]
-        act = select_top(s_mha, m, last_c) if skipping and schedule.pap else torch.arange(c)
+        s_mha = probe(attn, xn, k_all, cos_all, sin_all, last_c, window) if skipping and not once else None
+        act = select_top(s_mha, m, last_c) if skipping and schedule.pap and not once else torch.arange(c)
         pos_a = cand[act]
         q = _rope(_project_q(attn, xn[act]), cos_all[pos_a], sin_all[pos_a])
         k_act, v_act = k_all[:, act], v_all[:, act]
@@ -311,7 +330,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         # -- FFN (LTP) --
         hn = ffn_norm(h_c)
         s_ffn = None
-        if skipping and schedule.ltp:
+        if skipping and schedule.ltp and not once:
             cn = proxy_norm(hn, proxies[l], act_name)
             s_ffn = cn * s_mha if schedule.pap else cn
             s_ffn = s_ffn.masked_fill(~real[cand], float("-inf"))   # padding never competes for the FFN
@@ -331,7 +350,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
             rec.update(x=x_c.clone(), h=h_c.clone(), y=y_c.clone())
 
         # -- stage end (MSDP): prune for good --
-        if skipping and schedule.is_stage_end(l):
+        if skipping and schedule.is_stage_end(l) and not once:
             p = min(budget_tokens(schedule.prune[stage], n), c - 1)
             keep = select_top(s_mha.masked_fill(~real[cand], float("inf")), c - p, last_c)  # prune real tokens only
             gone = torch.ones(c, dtype=torch.bool)

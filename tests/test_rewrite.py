@@ -37,6 +37,7 @@ CONFIGS = {
     "pap": dict(FULL, ltp=False, msdp=False),                          # PAP only
     "ltp": dict(FULL, pap=False, msdp=False),                          # LTP only (its own score)
     "nomsdp": dict(FULL, msdp=False),                                  # PAP + LTP, no stages / pruning
+    "once": dict(FULL, selector="once"),                               # prune-once mode
 }
 
 
@@ -147,7 +148,7 @@ class Harness:
         sched = schedule_of(case.cfg)
         channels, rank = ltp_dims(sched, model.config.intermediate_size, model.config.hidden_size)
         ref = reference_prefill(model, ids, am, schedule=sched, proxies=build_proxies(model, channels, rank),
-                                output_hidden_states=case.hidden)
+                                output_hidden_states=case.hidden, selector=CONFIGS[case.cfg].get("selector", "probe"))
         r = Run(case, out, ref, selection, plan, ids, am, last_positions(am, ids.shape[0], ids.shape[1]))
         self.runs[case] = r
         return r
@@ -204,6 +205,8 @@ REF_CASES = [
     Case("qwen2", "sdpa", "pap", "pad", 24),
     Case("qwen2", "sdpa", "ltp", "pad", 24),
     Case("llama", "eager", "int", "pad", 40),
+    Case("llama", "sdpa", "once", "pad", 40),
+    Case("qwen2", "sdpa", "once", "cache", 40),
 ]
 CACHE_CASES = [c for c in REF_CASES if c.kind == "cache"]
 IDS = [c.id for c in REF_CASES]
