@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import sympy
 
-from spts_compile.config import Budget, Schedule
+from spts_compile.config import KEEP_SET_SELECTORS, Budget, Schedule
 
 from .locate import GraphAnalysis, LayerSpec
 
@@ -72,8 +72,8 @@ def ltp_dims(schedule: Schedule, intermediate: int, hidden: int) -> tuple[int, i
 
 def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | None, selector: str = "probe") -> Plan:
     """first_skip: the first layer that will actually skip (start_layer, or later when a layer in the
-    range could not be matched or verified); None when nothing skips. With selector "once" the candidate
-    set shrinks to each layer's budget for good and the layer runs dense on it (no prune, no LTP)."""
+    range could not be matched or verified); None when nothing skips. With selector "once" or "stage" the
+    candidate set shrinks to each layer's budget for good and the layer runs dense on it (no prune, no LTP)."""
     plan = Plan(schedule=schedule, selector=selector)
     cand = N
     for spec in analysis.layers:
@@ -84,19 +84,22 @@ def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | Non
             lp.budget = schedule.budgets[lp.stage]
             lp.candidates = cand
             lp.active = sympy.Min(tokens(lp.budget), cand)
-            if selector == "once":
+            if selector in KEEP_SET_SELECTORS:
                 cand = lp.active
             elif schedule.is_stage_end(spec.index):
                 lp.prune = schedule.prune[lp.stage]
                 cand = cand - sympy.Min(tokens(lp.prune), cand - 1)
         elif spec.index >= schedule.start_layer and first_skip is None:
             lp.note = "dense: skipping is off for this graph"
-        _count_flops(lp, spec, schedule, plan, first=spec.index == first_skip)
+        probes = spec.index == first_skip or (selector == "stage" and first_skip is not None and
+                                              spec.index > first_skip and schedule.msdp and
+                                              schedule.is_stage_end(spec.index - 1))
+        _count_flops(lp, spec, schedule, plan, probes=probes)
         plan.layers.append(lp)
     return plan
 
 
-def _count_flops(lp: LayerPlan, spec: LayerSpec, schedule: Schedule, plan: Plan, first: bool = False) -> None:
+def _count_flops(lp: LayerPlan, spec: LayerSpec, schedule: Schedule, plan: Plan, probes: bool = False) -> None:
     if spec.attn is None or spec.ffn is None:
         lp.flops_dense = lp.flops_planned = sympy.Integer(0)
         lp.note = lp.note or "not matched: FLOPs not counted"
@@ -119,8 +122,8 @@ def _count_flops(lp: LayerPlan, spec: LayerSpec, schedule: Schedule, plan: Plan,
     c, m, p = lp.candidates, lp.active, schedule.probe_queries
     probe = 2 * c * d * kv_w + 2 * p * d * q_w + 2 * p * c * q_w
     lp.kv_tokens = m
-    if plan.selector == "once":  # the first layer probes its candidates; every layer runs dense on its m rows
-        lp.flops_planned = (probe if first else 0) + attention(m) + ffn(m) + 2 * d * q_w + 2 * m * q_w
+    if plan.selector in KEEP_SET_SELECTORS:  # a probe over the candidates where it scores, then dense on m rows
+        lp.flops_planned = (probe if probes else 0) + attention(m) + ffn(m) + 2 * d * q_w + 2 * m * q_w
         return
     if schedule.pap:
         attn = probe + 2 * m * d * (q_w + kv_w) + 2 * q_w * m ** 2 + 2 * m * q_w * d

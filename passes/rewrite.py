@@ -94,8 +94,8 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
     x, cand, last = state["x"], state["cand"], state["last"]
     selector = cfg.selector
-    # ---- "once" baseline: probe at the first skipping layer only, then prune by that score -------------
-    if selector == "once":
+    # ---- keep-set modes: probe at the first skipping layer ("once") or at each stage start ("stage") --
+    if selector in ("once", "stage"):
         return _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg)
     # ---- attention (PAP) ------------------------------------------------------------------------------
     xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
@@ -153,11 +153,13 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
 
 
 def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg):
-    """Prune-once baseline (GemFilter-like): score tokens with the first skipping layer's probe only,
-    shrink the candidate set to each stage's budget by that score, and run every layer dense on it."""
+    """Keep-set modes. "once" (GemFilter-like): score tokens with the first skipping layer's probe only,
+    shrink the candidate set to each stage's budget by that score, and run every layer dense on it.
+    "stage": the same, but the first layer of every stage probes its (remaining) candidates again."""
     a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
     x, cand, last = state["x"], state["cand"], state["last"]
-    if is_first:
+    stage_start = schedule.msdp and spec.index > 0 and schedule.is_stage_end(spec.index - 1)
+    if is_first or (cfg.selector == "stage" and stage_start):
         xn0 = b("attn_norm0", rt.norm_apply, x, _norm(a.norm))
         probe = b("probe", rt.probe_attention, xn0, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
                   _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from .config import SPTSConfig
+from .config import KEEP_SET_SELECTORS, SPTSConfig
 from .passes import cleanup, locate, plan as planning, rewrite as rewriting, verify as verifying
 from .passes.locate import GraphAnalysis
 from . import calibration as calib
@@ -152,7 +152,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
             _warn_once(f"spts: no layer can skip (layer {bad.index}: {bad.reason or bad.verify_note}); dense Inductor")
     plan = planning.make_plan(analysis, schedule, first_skip, cfg.selector)
     record.plan = plan
-    compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector == "once") and \
+    compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector in KEEP_SET_SELECTORS) and \
         any(l.attn.k_out is not None for l in analysis.layers if l.matched)
     padded = _is_padded_batch(params_value(gm, example_inputs, analysis.padding_mask))
     if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):

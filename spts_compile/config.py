@@ -37,7 +37,8 @@ GENERIC_PRUNE = 0.03125
 GENERIC_LTP_CHANNEL_FRACTION = Fraction(1, 6)   # D_low as a share of the FFN width
 GENERIC_LTP_RANK_FRACTION = Fraction(1, 4)      # r as a share of D_low
 
-SELECTORS = ("probe", "recent", "norm", "random", "once")
+SELECTORS = ("probe", "recent", "norm", "random", "once", "stage")
+KEEP_SET_SELECTORS = ("once", "stage")  # drop the unselected tokens for good, run dense on the rest
 COMPILERS = ("inductor", "eager")
 
 

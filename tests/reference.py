@@ -204,7 +204,8 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
 
     selector="once" is the prune-once mode instead: the first skipping layer's probe scores the
     candidates once; each skipping layer keeps the top M of its candidates by that score for good
-    (no prune, no LTP) and runs densely on them.
+    (no prune, no LTP) and runs densely on them. selector="stage" is the same, except that the first
+    layer of each later stage scores its remaining candidates again with its own probe.
 
     Returns a dict:
       logits [B, N, V];
@@ -229,8 +230,8 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
     depth = len(layers)
     if schedule.depth != depth:
         raise ValueError(f"schedule is for {schedule.depth} layers, the model has {depth}")
-    if selector not in ("probe", "once"):
-        raise ValueError(f"the reference implements selectors 'probe' and 'once', not {selector!r}")
+    if selector not in ("probe", "once", "stage"):
+        raise ValueError(f"the reference implements selectors 'probe', 'once' and 'stage', not {selector!r}")
     if schedule.ltp and proxies is None and selector == "probe":
         width = mlp_weights(layers[0].mlp)[0].shape[0]
         channels = schedule.ltp_channels or max(1, width // 6)
@@ -300,9 +301,10 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         c = cand.shape[0]
         last_c = int((cand == last_pos).nonzero()[0, 0])
         m = max(1, min(budget_tokens(schedule.budgets[stage], n), c)) if skipping else c
-        once = skipping and selector == "once"
-        if once:  # prune-once: score with the first skipping layer's probe, keep the top m for good
-            if once_scores is None:
+        once = skipping and selector in ("once", "stage")
+        if once:  # keep-set modes: score with a probe (once, or at each stage start), keep the top m for good
+            new_stage = schedule.msdp and l > schedule.start_layer and schedule.is_stage_end(l - 1)
+            if once_scores is None or (selector == "stage" and new_stage):
                 xn0 = attn_norm(x_c)
                 k0 = _rope(_project_kv(attn, xn0)[0], cos_all[cand], sin_all[cand])
                 once_scores = probe(attn, xn0, k0, cos_all, sin_all, last_c, window)

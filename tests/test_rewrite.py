@@ -38,6 +38,7 @@ CONFIGS = {
     "ltp": dict(FULL, pap=False, msdp=False),                          # LTP only (its own score)
     "nomsdp": dict(FULL, msdp=False),                                  # PAP + LTP, no stages / pruning
     "once": dict(FULL, selector="once"),                               # prune-once mode
+    "stage": dict(FULL, selector="stage"),                             # keep-set, re-probed per stage
 }
 
 
@@ -207,6 +208,7 @@ REF_CASES = [
     Case("llama", "eager", "int", "pad", 40),
     Case("llama", "sdpa", "once", "pad", 40),
     Case("qwen2", "sdpa", "once", "cache", 40),
+    Case("llama", "sdpa", "stage", "cache", 40),
 ]
 CACHE_CASES = [c for c in REF_CASES if c.kind == "cache"]
 IDS = [c.id for c in REF_CASES]
