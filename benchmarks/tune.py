@@ -53,7 +53,12 @@ CANDIDATES: dict[str, dict] = {
     "early_2stage_cal": dict(CAL, start_layer=9, stage_ends=[14, 22], budgets=[0.4375, 0.21875], prune=0.0625),
     "start6_wide": dict(start_layer=6, stage_ends=[10, 15, 20, 25], budgets=[0.5, 0.375, 0.25, 0.1875]),
     # the same budgets as `preset`, other selection rules (issue 5's baselines)
-    **{f"sel_{k}": dict(selector=k) for k in ("recent", "norm", "random", "once")},
+    **{f"sel_{k}": dict(selector=k) for k in ("recent", "norm", "random", "once", "stage")},
+    # keep-set modes on the faster early schedule, and wider probes (the last q tokens' queries)
+    "once_early": dict(EARLY, selector="once"),
+    "stage_early": dict(EARLY, selector="stage"),
+    "pq16": dict(probe_queries=16),
+    "pq64": dict(probe_queries=64),
 }
 
 

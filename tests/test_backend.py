@@ -325,3 +325,57 @@ def test_compiler_eager_runs_the_rewrite_without_inductor(monkeypatch):
 def test_unknown_compiler_is_rejected():
     with pytest.raises(ValueError, match="compiler"):
         spts_compile.SPTSConfig(compiler="tvm")
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan counts what the rewritten graph executes
+# ------------------------------------------------------------------------------------------------
+FLOP_MODEL = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(pap=False, ltp=False, msdp=False),     # dense: the plan's dense count
+    {},                                         # SPTS (probe, LTP proxy, prune)
+    dict(selector="once"),
+    dict(selector="stage"),
+], ids=["dense", "probe", "once", "stage"])
+def test_planned_flops_match_the_matmuls_executed(opts):
+    """The rewritten graph (compiler="eager") runs under torch's FlopCounterMode, which counts every matmul
+    but not the SDPA core on CPU; the plan's FLOPs for the decoder layers must match that count plus the
+    causal cores (computed here from the rows each layer attends over, as executed), to 0.2%. The hidden size
+    is large against N, so that the matmuls dominate and a missing or extra term (a probe, the LTP proxy)
+    shows. The executed count comes from the model, not the plan: lm_head is subtracted from it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model("llama", layers=4, **FLOP_MODEL)
+    cfg = model.config
+    n = 64
+    ids, _ = make_inputs(1, n)
+    captured = []
+
+    def backend(gm, example_inputs):
+        fn = spts_compile.spts_backend(gm, example_inputs, options=dict(SKIP_OPTS, compiler="eager",
+                                                                         record_selection=True, **opts))
+        captured.append((fn, example_inputs))
+        return fn
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model.forward, backend=backend)(ids, use_cache=False)
+        plan = spts_compile.last_plan()
+        selection = spts_compile.recorded_selection() or []
+        fn, example = captured[-1]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn(*example)
+    executed = counter.get_total_flops() - 2 * n * cfg.hidden_size * cfg.vocab_size   # without lm_head
+    # the causal SDPA cores FlopCounterMode does not see: QK^T and AV over the rows each layer attends
+    rows = {d["layer"]: d["active"].shape[-1] for d in selection if d["block"] == "attn"}
+    q_width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    cores = sum(2 * q_width * rows.get(layer, n) ** 2 for layer in range(cfg.num_hidden_layers))
+    planned = plan["flops_planned_at_n"]
+    assert planned == pytest.approx(executed + cores, rel=0.002), (planned, executed, cores)
+    if opts.get("pap") is False:
+        assert plan["flops_dense_at_n"] == pytest.approx(planned)
+    else:
+        assert planned < 0.8 * plan["flops_dense_at_n"]
