@@ -4,8 +4,8 @@
                                    [--reps 3] [--budget-seconds 420]
 
 Prepared to finish in under 8 minutes on one H100/H200-class GPU: two configurations (dense Inductor and
-spts with the default preset), one warm-up call each per length (compiles: static at the first length,
-dynamic at the second, none after), then `--reps` interleaved timed calls. Per configuration and length it
+spts with the default preset), one warm-up call each per length (each length gets fresh entry functions and
+compiles its own static graphs, as in `benchmarks.run`), then `--reps` interleaved timed calls. Per configuration and length it
 writes prefill time (median, min, max), prefill + 16 and + 32 new tokens, KV-cache bytes after prefill,
 CUDA peak memory, the planned FLOP ratio, and fidelity against dense (last-token KL, top-1 agreement,
 greedy 32-token match). A length that would start after `--budget-seconds` is skipped (and recorded so),
@@ -44,10 +44,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--budget-seconds", type=float, default=420.0,
                    help="do not start a new length after this many seconds (the whole run must fit 8 min)")
+    p.add_argument("--options", type=json.loads, default={}, metavar="JSON", help="spts options (default: preset)")
+    # Development only: run the same path on the CPU (bf16) to check the script where no GPU is lent.
+    p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def require_cuda() -> torch.device:
+def require_cuda(cpu_smoke: bool = False) -> torch.device:
+    if cpu_smoke:
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         msg = ("benchmarks.gpu_quick needs a CUDA GPU (bf16, Inductor emitting Triton); "
                f"torch {torch.__version__} sees none here. Run `python -m benchmarks.run --quick` on CPU instead.")
@@ -58,7 +63,7 @@ def require_cuda() -> torch.device:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = require_cuda()
+    device = require_cuda(args.cpu_smoke)
     import spts_compile  # noqa: F401  registers the backend
 
     from . import data as D
@@ -66,18 +71,18 @@ def main(argv=None) -> int:
     from . import report as R
     from .models import load_model, sanity_check
 
-    torch._dynamo.config.recompile_limit = 64
+    H.setup_process(os.cpu_count() or 1)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, dtype=torch.bfloat16)
     model.to(device)
     answer = sanity_check(model, tok)
-    log(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}; model {args.model}, bf16; sanity {answer!r}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)"
+    log(f"{name}, torch {torch.__version__}; model {args.model}, bf16; sanity {answer!r}")
     variants = [H.Variant("inductor", "inductor", label="Inductor (dense)"),
-                H.Variant("spts", "spts", {"min_tokens": 256}, label="spts (default preset)")]
-    for v in variants:
-        H.make_variant(model, v)
-    res = {"meta": {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "model": args.model,
+                H.Variant("spts", "spts", {"min_tokens": 256, **args.options},
+                          label="spts (default preset)" if not args.options else "spts (--options)")]
+    res = {"meta": {"device": name, "options": args.options, "threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model,
                     "dtype": "bfloat16", "lengths": args.lengths, "reps": args.reps, "sanity_answer": answer,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")},
            "speed": [], "fidelity": [], "skipped_lengths": []}
@@ -88,6 +93,8 @@ def main(argv=None) -> int:
             continue
         _, ids = D.fidelity_texts(tok, length, count=1, seed=1)[0]
         ids = ids.to(device)
+        for v in variants:  # fresh entries: a static compile per length
+            H.make_variant(model, v, tag=f"{v.name}@{length}")
         first = {}
         for v in variants:
             g0 = v.graphs
