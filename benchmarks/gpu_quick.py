@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2")
     p.add_argument("--budget-seconds", type=float, default=420.0,
                    help="do not start a new length after this many seconds (the whole run must fit 8 min)")
-    p.add_argument("--options", type=json.loads, default={}, metavar="JSON", help="spts options (default: preset)")
+    from .harness import spts_options
+
+    p.add_argument("--options", type=spts_options, default={}, metavar="JSON", help="spts options (default: preset)")
     # Development only: run the same path on the CPU (bf16) to check the script where no GPU is lent.
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)

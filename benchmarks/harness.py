@@ -39,6 +39,27 @@ def setup_process(threads: int) -> None:
     torch._dynamo.config.accumulated_recompile_limit = 4096
 
 
+def spts_options(text: str) -> dict:
+    """argparse type of `--options`: a JSON object of spts options, checked by `SPTSConfig` before anything
+    loads, so that a typo stops the run with the option's name rather than minutes later inside a compile."""
+    import argparse
+    import json
+
+    from spts_compile.config import SPTSConfig
+
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    try:
+        SPTSConfig(**opts)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return opts
+
+
 # -- configurations --------------------------------------------------------------------------------------
 
 class CountingBackend:

@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibrate", action="store_true",
                    help="LTP channels ranked by a calibration (pydoc text, computed once and cached) instead of "
                         "the default weights-only ranking")
-    p.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+    p.add_argument("--options", type=H.spts_options, default={}, metavar="JSON",
                    help='spts options for the spts configurations (baselines and sweep build on them), e.g. '
                         '\'{"start_layer": 9, "stage_ends": [12, 16, 21, 26]}\' or \'{"selector": "once"}\'')
     p.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
@@ -85,13 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in mode.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
-    if not isinstance(a.options, dict):
-        p.error("--options must be a JSON object")
-    try:
-        from spts_compile.config import SPTSConfig
-        SPTSConfig(**a.options)
-    except (TypeError, ValueError) as e:
-        p.error(f"--options: {e}")
     a.sweep_length = a.sweep_length or max(a.lengths)
     if a.sweep_length not in a.lengths:
         p.error(f"--sweep-length {a.sweep_length} must be one of --lengths {a.lengths}")
@@ -106,11 +99,9 @@ def prompt_tokens(length: int, model, args) -> int:
     return min(length, limit - reserve) if limit else length
 
 
-def build_variants(args, depth: int, calibration=None) -> list[H.Variant]:
-    from spts_compile.config import SPTSConfig
-
+def build_variants(args, schedule, calibration=None) -> list[H.Variant]:
+    """The configurations; `schedule` is the spts configuration's resolved schedule (the sweep scales its budgets)."""
     sb = args.spts_backend
-    schedule = SPTSConfig(**args.options).resolve(depth)
     skip = dict(args.options, **({} if calibration is None else {"calibration": calibration}))
     off = lambda **kw: dict(min_tokens=MIN_TOKENS, **kw)  # noqa: E731
     on = lambda **kw: {"min_tokens": MIN_TOKENS, **skip, **kw}  # noqa: E731
@@ -286,12 +277,12 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         calibration = calibration_for(model, tok, args.model)
         log(f"LTP calibration: {calibration!r} ({time.perf_counter() - t:.1f}s)")
-    variants = build_variants(args, model.config.num_hidden_layers, calibration)
-    for v in variants:
-        H.make_variant(model, v, dynamic=dynamic)
     from spts_compile.config import SPTSConfig
 
     sched = SPTSConfig(**dict(args.options, min_tokens=MIN_TOKENS)).resolve(model.config.num_hidden_layers)
+    variants = build_variants(args, sched, calibration)
+    for v in variants:
+        H.make_variant(model, v, dynamic=dynamic)
     results = {
         "meta": {
             "argv": sys.argv[1:], "quick": args.quick, "model": args.model, "model_class": type(model).__name__,

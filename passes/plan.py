@@ -91,9 +91,8 @@ def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | Non
                 cand = cand - sympy.Min(tokens(lp.prune), cand - 1)
         elif spec.index >= schedule.start_layer and first_skip is None:
             lp.note = "dense: skipping is off for this graph"
-        probes = spec.index == first_skip or (selector == "stage" and first_skip is not None and
-                                              spec.index > first_skip and schedule.msdp and
-                                              schedule.is_stage_end(spec.index - 1))
+        probes = first_skip is not None and (spec.index == first_skip or (
+            selector == "stage" and spec.index > first_skip and schedule.starts_stage(spec.index)))
         _count_flops(lp, spec, schedule, plan, probes=probes)
         plan.layers.append(lp)
     return plan

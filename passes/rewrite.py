@@ -20,6 +20,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from spts_compile import runtime as rt
+from spts_compile.config import KEEP_SET_SELECTORS
 
 from .graph_utils import eliminate_dead_code
 from .locate import GraphAnalysis, LayerSpec, NormSpec, materialize
@@ -95,8 +96,8 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     x, cand, last = state["x"], state["cand"], state["last"]
     selector = cfg.selector
     # ---- keep-set modes: probe at the first skipping layer ("once") or at each stage start ("stage") --
-    if selector in ("once", "stage"):
-        return _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg)
+    if selector in KEEP_SET_SELECTORS:
+        return _rewrite_layer_keep_set(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg)
     # ---- attention (PAP) ------------------------------------------------------------------------------
     xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
     # The probe's K rows feed the attention in every case; its scores feed PAP, LTP and the prune.
@@ -152,14 +153,13 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, 
     return full, (k_act, v_act)
 
 
-def _rewrite_layer_once(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg):
+def _rewrite_layer_keep_set(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg):
     """Keep-set modes. "once" (GemFilter-like): score tokens with the first skipping layer's probe only,
     shrink the candidate set to each stage's budget by that score, and run every layer dense on it.
     "stage": the same, but the first layer of every stage probes its (remaining) candidates again."""
     a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
     x, cand, last = state["x"], state["cand"], state["last"]
-    stage_start = schedule.msdp and spec.index > 0 and schedule.is_stage_end(spec.index - 1)
-    if is_first or (cfg.selector == "stage" and stage_start):
+    if is_first or (cfg.selector == "stage" and schedule.starts_stage(spec.index)):
         xn0 = b("attn_norm0", rt.norm_apply, x, _norm(a.norm))
         probe = b("probe", rt.probe_attention, xn0, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
                   _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)

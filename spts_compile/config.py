@@ -205,6 +205,10 @@ class Schedule:
     def is_stage_end(self, layer: int) -> bool:
         return self.msdp and layer in self.stage_ends
 
+    def starts_stage(self, layer: int) -> bool:
+        """A skipping layer right after a stage end (where selector "stage" probes again)."""
+        return layer > self.start_layer and self.is_stage_end(layer - 1)
+
 
 def preset_for_depth(depth: int) -> dict[str, Any]:
     if depth in PAPER_SCHEDULES:
