@@ -427,7 +427,7 @@ if __name__ == "__main__":
     from benchmarks.models import load_model
 
     p = argparse.ArgumentParser(description="Build the accuracy suite and print one line per sample.")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | qwen05 | a local model folder or .gguf")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048])
     p.add_argument("--show", action="store_true", help="print the decoded text of the first sample of each task")
     a = p.parse_args()

@@ -1,6 +1,6 @@
 """The quick comparison on one CUDA GPU: Inductor (Triton) against spts, bf16, 8K to 32K tokens.
 
-    python -m benchmarks.gpu_quick [--lengths 8192 16384 32768] [--out results/] [--model smollm2|gemma3|PATH]
+    python -m benchmarks.gpu_quick [--lengths 8192 16384 32768] [--out results/] [--model smollm2|gemma3|qwen05|PATH]
                                    [--reps 3] [--budget-seconds 420]
 
 Prepared to finish in under 8 minutes on one H100/H200-class GPU: two configurations (dense Inductor and
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default="results")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | qwen05 | a local model folder or .gguf")
     p.add_argument("--budget-seconds", type=float, default=420.0,
                    help="do not start a new length after this many seconds (the whole run must fit 8 min)")
     from .harness import spts_options

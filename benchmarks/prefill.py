@@ -35,7 +35,7 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefill", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | a local model folder or .gguf")
+    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | qwen05 | a local model folder or .gguf")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--texts", type=int, default=3)

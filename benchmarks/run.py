@@ -2,7 +2,7 @@
 
     python -m benchmarks.run --quick                   # ~12 min on 2 CPU cores: 8K, main configurations
     python -m benchmarks.run                           # full: 2K/4K/8K, accuracy suite, baselines, budget sweep
-    python -m benchmarks.run --lengths 2048 4096 --threads 2 --out results/ --model smollm2|gemma3|PATH
+    python -m benchmarks.run --lengths 2048 4096 --threads 2 --out results/ --model smollm2|gemma3|qwen05|PATH
 
 Everything runs in one process. Each configuration has its own model object (weights shared) whose
 `forward` is compiled with its backend; `generate` uses it. Per prompt length the configurations run
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default 2048 4096 8192; quick: 8192)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--out", default="results", help="output folder for bench.json and the plots")
-    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | a local model folder or .gguf")
+    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | qwen05 | a local model folder or .gguf")
     p.add_argument("--reps", type=int, help="timed repetitions per configuration and length")
     p.add_argument("--new-tokens", type=int, nargs=2, default=[16, 64], metavar=("A", "B"),
                    help="end-to-end times are reported for prefill + A and + B new tokens")

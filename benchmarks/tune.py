@@ -68,7 +68,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="smollm2 | gemma3 | qwen05 | a local model folder or .gguf")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--configs", nargs="*", default=list(CANDIDATES), help=f"from {list(CANDIDATES)} (none: only --set ones)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=JSON",

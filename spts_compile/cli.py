@@ -1,28 +1,15 @@
 """`spts-compile demo`: compile a model with the spts backend and print what the passes matched and planned.
 
     spts-compile demo                       # the embedded default model (SmolLM2-135M-Instruct)
-    spts-compile demo --model PATH          # a Hugging Face folder on disk
+    spts-compile demo --model qwen05        # the judge model, Qwen2.5-Coder-0.5B-Instruct (extra [qwen])
+    spts-compile demo --model PATH          # a Hugging Face folder (or .gguf file) on disk
     spts-compile demo --tokens 2048 --debug-dir dumps/
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-
-def _load(name: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from benchmarks.models import load_model
-    except ImportError:  # installed without the repo's benchmarks/: only local folders
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        if not os.path.isdir(name):
-            raise SystemExit(f"spts-compile: {name!r} is not a folder; run from the repository root to use "
-                             "the embedded default model")
-        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-    return load_model(name)
 
 
 def demo(args) -> int:
@@ -30,10 +17,14 @@ def demo(args) -> int:
     from tabulate import tabulate
 
     import spts_compile
+    from spts_compile.models import ModelNotInstalled, load_model
 
     torch.set_num_threads(args.threads)
     print(f"threads: {torch.get_num_threads()}")
-    model, _tok = _load(args.model)
+    try:
+        model, _tok = load_model(args.model)
+    except (ModelNotInstalled, FileNotFoundError) as e:
+        raise SystemExit(f"spts-compile: {e}") from None
     model.eval()
     ids = torch.randint(100, model.config.vocab_size - 1, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     options = {"min_tokens": 1}
@@ -63,7 +54,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spts-compile")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="compile a model and print what was matched and planned")
-    d.add_argument("--model", default="smollm2", help="smollm2 (default), gemma3, or a local HF folder")
+    d.add_argument("--model", default="smollm2",
+                   help="smollm2 (default), gemma3, qwen05, or a local HF folder or .gguf file")
     d.add_argument("--tokens", type=int, default=1024)
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--debug-dir", default=None)
