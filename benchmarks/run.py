@@ -29,13 +29,13 @@ from . import data as D  # noqa: E402
 from . import harness as H  # noqa: E402
 from . import report as R  # noqa: E402
 from .models import calibration_for, load_model, sanity_check  # noqa: E402
+from spts_compile import selectors  # noqa: E402
 
 MIN_TOKENS = 256          # spts option: prompts shorter than this run dense; well below every benchmark length
 QUICK = dict(lengths=[8192], reps=2, extra_warmup=0, tasks=["niah_single", "niah_multikey", "passkey", "hard_needle"],
              per_task=1, depths=[0.5], fidelity_texts=1, baselines=False, sweep=False, spts_off_accuracy=False)
 FULL = dict(lengths=[2048, 4096, 8192], reps=3, extra_warmup=1, tasks=list(D.TASKS), per_task=None,
             depths=[0.25, 0.75], fidelity_texts=3, baselines=True, sweep=True, spts_off_accuracy=True)
-SELECTORS = ["recent", "norm", "random", "once"]
 SWEEP_SCALES = [0.25, 0.5, 2.0]
 WARM_NEW_TOKENS = 4   # x1 is the default preset itself
 
@@ -112,7 +112,7 @@ def build_variants(args, schedule, calibration=None) -> list[H.Variant]:
           H.Variant("spts_off", sb, off(pap=False, ltp=False, msdp=False), label="spts, skipping off"),
           H.Variant("spts", sb, on(record_selection=True), label="spts (default preset)" if not args.options else "spts (--options)")]
     if args.baselines:
-        for s in SELECTORS:
+        for s in selectors.baselines():
             vs.append(H.Variant(f"sel_{s}", sb, on(selector=s), group="baseline", label=f"selector={s}"))
     if args.sweep:
         for f in SWEEP_SCALES:

@@ -46,15 +46,16 @@ def shape_of(node) -> tuple | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def module_path(node: Node) -> tuple[int, str | None, str | None] | None:
-    """(layer index, child module name, grandchild name) from nn_module_stack, or None outside layers."""
+def module_path(node: Node) -> tuple[int, str | None, str | None, type | str] | None:
+    """(layer index, child module name, grandchild name, the layer's class) from nn_module_stack, or None
+    outside layers."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
-    for path, _type in stack.values():
+    for path, layer_type in stack.values():
         m = _LAYER_RE.match(_clean_path(path))
         if m and m.group("rest") == "":
-            return _child_names(int(m.group("idx")), stack, _clean_path(path))
+            return (*_child_names(int(m.group("idx")), stack, _clean_path(path)), layer_type)
     return None
 
 

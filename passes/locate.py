@@ -6,6 +6,8 @@ Nothing here trusts placeholder names: weights are found as the arguments of the
 """
 from __future__ import annotations
 
+import dataclasses
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
+
+from spts_compile import families
+from spts_compile.families import Family
 
 from .graph_utils import (ADD, LINEAR, MATMUL, SDPA, SOFTMAX, ancestors, example_value, external_inputs,
                           is_add, is_call, is_method, is_mul, module_path, output_nodes, region_output,
@@ -27,12 +32,9 @@ class Unmatched(Exception):
 class NormSpec:
     weight: Node
     eps: Any                 # a float, or the graph node that holds it (dynamic floats)
-    unit_offset: bool        # Gemma's (1 + w)
+    kind: str                # a `families.NORM_KINDS` entry: "rms", or Gemma's "rms_offset" ((1 + w))
     x: Node                  # the norm's input
     out: Node                # the norm's output
-
-    def args(self):
-        return (self.weight, self.eps, self.unit_offset)
 
 
 @dataclass(frozen=True)
@@ -42,20 +44,6 @@ class RowSlice:
     node: Node
     start: int
     stop: int
-
-
-def materialize(graph, spec):
-    """A copy of an AttentionSpec/FFNSpec whose RowSlice weights are real graph nodes (slices of the fused
-    weight), inserted at the graph's current insertion point."""
-    import dataclasses
-    import operator
-    changes = {}
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        if isinstance(value, RowSlice):
-            changes[f.name] = graph.create_node("call_function", operator.getitem,
-                                                (value.node, slice(value.start, value.stop)), {})
-    return dataclasses.replace(spec, **changes) if changes else spec
 
 
 def slice_value(value, lookup):
@@ -97,6 +85,7 @@ class AttentionSpec:
 
 @dataclass
 class FFNSpec:
+    kind: str                # a `families.FFN_MATMULS` key ("gated")
     norm: NormSpec
     w_gate: Node
     w_up: Node
@@ -111,6 +100,7 @@ class FFNSpec:
 @dataclass
 class LayerSpec:
     index: int
+    family: Family = families.GENERIC
     attn: AttentionSpec | None = None
     ffn: FFNSpec | None = None
     reason: str | None = None          # why the layer cannot be rewritten
@@ -144,10 +134,11 @@ def analyse(gm: GraphModule) -> GraphAnalysis:
         result.reason = "no decoder layers found in the graph (no nn_module_stack entry named layers.<i>)"
         return result
     for idx in sorted(regions):
-        spec = LayerSpec(index=idx)
+        family = families.for_layer_class(regions[idx].pop("class"))
+        spec = LayerSpec(index=idx, family=family)
         try:
-            spec.attn, spec.cache = _match_attention(gm, regions[idx])
-            spec.ffn = _match_ffn(regions[idx], spec.attn.out)
+            spec.attn, spec.cache = _match_attention(gm, regions[idx], family)
+            spec.ffn = _match_ffn(regions[idx], spec.attn.out, family)
         except Unmatched as e:
             spec.reason = str(e)
         result.layers.append(spec)
@@ -157,7 +148,8 @@ def analyse(gm: GraphModule) -> GraphAnalysis:
 
 
 def _layer_regions(gm: GraphModule) -> dict[int, dict[str | None, list[Node]]]:
-    """layer index -> child module name (None: the layer's own ops) -> nodes in graph order."""
+    """layer index -> child module name (None: the layer's own ops) -> nodes in graph order; the key
+    "class" holds the layer's class."""
     regions: dict[int, dict[str | None, list[Node]]] = defaultdict(lambda: defaultdict(list))
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method", "call_module"):
@@ -165,7 +157,8 @@ def _layer_regions(gm: GraphModule) -> dict[int, dict[str | None, list[Node]]]:
         where = module_path(n)
         if where is None:
             continue
-        idx, child, grandchild = where
+        idx, child, grandchild, layer_class = where
+        regions[idx]["class"] = layer_class
         regions[idx][child].append(n)
         regions[idx][(child, grandchild)].append(n)
     return regions
@@ -174,7 +167,7 @@ def _layer_regions(gm: GraphModule) -> dict[int, dict[str | None, list[Node]]]:
 # ------------------------------------------------------------------------------------------------
 # Norms
 # ------------------------------------------------------------------------------------------------
-def _match_norm(region: list[Node], name: str) -> NormSpec:
+def _match_norm(region: list[Node], name: str, family: Family) -> NormSpec:
     if not region:
         raise Unmatched(f"{name}: empty region")
     mean = [n for n in region if is_method(n, "mean") or is_call(n, {torch.mean})]
@@ -198,33 +191,36 @@ def _match_norm(region: list[Node], name: str) -> NormSpec:
         x = x.args[0]
     if not isinstance(x, Node) or x in set(region):
         raise Unmatched(f"{name}: could not find the norm's input")
-    unit_offset = any(is_add(u) and any(a == 1 or a == 1.0 for a in u.args if not isinstance(a, Node))
-                      for w in [weight] + [u for u in weight.users if is_method(u, "float", "to")]
-                      for u in w.users)
+    offset = any(is_add(u) and any(a == 1 or a == 1.0 for a in u.args if not isinstance(a, Node))
+                 for w in [weight] + [u for u in weight.users if is_method(u, "float", "to")]
+                 for u in w.users)
+    kind = "rms_offset" if offset else "rms"
+    if family.norm is not None and kind != family.norm:
+        raise Unmatched(f"{name}: a {kind} norm, but the {family.name} family has {family.norm} norms")
     out = region_output(region)
     if out is None:
         raise Unmatched(f"{name}: no output")
-    return NormSpec(weight=weight, eps=eps, unit_offset=unit_offset, x=x, out=out)
+    return NormSpec(weight=weight, eps=eps, kind=kind, x=x, out=out)
 
 
-def _norm_feeding(regions, layer_children, node: Node, what: str) -> NormSpec:
+def _norm_feeding(regions, layer_children, node: Node, what: str, family: Family) -> NormSpec:
     """The norm module whose output is `node`."""
     for child in layer_children:
         if child and "norm" in child.lower():
             region = regions[child]
             if region and region_output(region) is node:
-                return _match_norm(region, child)
+                return _match_norm(region, child, family)
     raise Unmatched(f"{what}: its input does not come from an RMSNorm module")
 
 
-def _norm_fed_by(regions, layer_children, node: Node) -> NormSpec | None:
+def _norm_fed_by(regions, layer_children, node: Node, family: Family) -> NormSpec | None:
     """A norm module applied directly to `node` (a post-norm), if any."""
     for child in layer_children:
         if child and "norm" in child.lower():
             region = regions[child]
             if region:
                 try:
-                    spec = _match_norm(region, child)
+                    spec = _match_norm(region, child, family)
                 except Unmatched:
                     continue
                 if spec.x is node:
@@ -253,7 +249,7 @@ def _weight_bias(lin) -> tuple:
     return w, b
 
 
-def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
+def _match_attention(gm, regions, family: Family) -> tuple[AttentionSpec, str]:
     children = [c for c in regions if isinstance(c, str) or c is None]
     attn_child = next((c for c in children if c and "attn" in c.lower()), None)
     if attn_child is None:
@@ -265,8 +261,11 @@ def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
         raise Unmatched("the attention writes a preallocated KV cache in place (StaticCache); "
                         "SPTS cannot compact it")
     lins = _linears(region, regions, attn_child)
-    if "qkv_proj" in lins:
-        lins.update(_split_fused_qkv(lins.pop("qkv_proj")))
+    fused = families.fused_names("fused_qkv") & set(lins)
+    if fused and family.fused_qkv not in fused:
+        raise Unmatched(f"attention: fused {sorted(fused)} found, but the {family.name} family has separate q/k/v")
+    if family.fused_qkv in lins:
+        lins.update(_split_fused_qkv(lins.pop(family.fused_qkv)))
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if name not in lins:
             raise Unmatched(f"attention: no {name} linear (found {sorted(lins)})")
@@ -277,7 +276,7 @@ def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
     xn = _linear_input(lins["q_proj"])
     if _linear_input(lins["k_proj"]) is not xn or _linear_input(lins["v_proj"]) is not xn:
         raise Unmatched("attention: q/k/v projections do not share one input")
-    norm = _norm_feeding(regions, children, xn, "attention")
+    norm = _norm_feeding(regions, children, xn, "attention", family)
     view = next((u for u in lins["q_proj"].users if is_method(u, "view", "reshape")), None)
     if view is None:
         raise Unmatched("attention: q projection is not reshaped into heads")
@@ -287,13 +286,16 @@ def _match_attention(gm, regions) -> tuple[AttentionSpec, str]:
         raise Unmatched("attention: head_dim is not a constant")
     wq_rows, wk_rows, hidden = _rows(wq), _rows(wk), shape_of(_base(wq))[1]
     n_heads, n_kv = wq_rows // head_dim, wk_rows // head_dim
-    q_norm = _sub_norm(regions, attn_child, "q_norm")
-    k_norm = _sub_norm(regions, attn_child, "k_norm")
+    q_norm = _sub_norm(regions, attn_child, "q_norm", family)
+    k_norm = _sub_norm(regions, attn_child, "k_norm", family)
+    if family.qk_norm is not None and (q_norm is not None, k_norm is not None) != (family.qk_norm,) * 2:
+        raise Unmatched(f"attention: q/k norms {'missing' if family.qk_norm else 'found'}, but the "
+                        f"{family.name} family has {'them' if family.qk_norm else 'none'}")
     kind, core, scale, mask = _attention_core(region)
     cos, sin = _rope_inputs(region, set(_param_like(region)) | {xn, mask})
     cache, k_out, v_out = _cache_outputs(gm, region, _node_of(lins["k_proj"]), _node_of(lins["v_proj"]))
     o_node = lins["o_proj"]
-    post_norm = _norm_fed_by(regions, children, o_node)
+    post_norm = _norm_fed_by(regions, children, o_node, family)
     attn_out = _through_identity(post_norm.out if post_norm else o_node)
     residual = next((u for u in attn_out.users if is_add(u) and norm.x in u.args), None)
     if residual is None:
@@ -321,7 +323,7 @@ def _split_fused_qkv(lin: Node) -> dict:
     rows = shape_of(_weight_bias(lin)[0])[0]
     pieces = []
     for u in lin.users:
-        if not (is_call(u, {__import__("operator").getitem}) and isinstance(u.args[1], tuple)
+        if not (is_call(u, {operator.getitem}) and isinstance(u.args[1], tuple)
                 and isinstance(u.args[1][-1], slice)):
             raise Unmatched("attention: fused qkv_proj output is used other than by slicing")
         sl = u.args[1][-1]
@@ -367,9 +369,9 @@ def _param_like(region):
     return [a for a in external_inputs(region) if a.op in ("placeholder", "get_attr")]
 
 
-def _sub_norm(regions, child, name) -> NormSpec | None:
+def _sub_norm(regions, child, name, family: Family) -> NormSpec | None:
     region = regions.get((child, name))
-    return _match_norm(region, f"{child}.{name}") if region else None
+    return _match_norm(region, f"{child}.{name}", family) if region else None
 
 
 def _attention_core(region: list[Node]):
@@ -407,7 +409,7 @@ def _attention_core(region: list[Node]):
 def _outside(node, inside: set):
     """Follow slicing inside the region back to the external mask it reads."""
     while isinstance(node, Node) and node in inside:
-        if is_call(node, {__import__("operator").getitem}) or is_method(node, "__getitem__", "to", "contiguous"):
+        if is_call(node, {operator.getitem}) or is_method(node, "__getitem__", "to", "contiguous"):
             node = node.args[0]
         else:
             raise Unmatched("attention: the mask is built inside the attention module")
@@ -453,7 +455,7 @@ def _cache_outputs(gm, region, k_lin: Node, v_lin: Node):
         return "filled", k_out, v_out
     if outs and (k_out is None or v_out is None):
         raise Unmatched("attention: graph outputs from the attention that are not its K/V cache")
-    if k_out is not None and (is_call(k_out, {__import__("operator").getitem}) or is_method(k_out, "__getitem__")):
+    if k_out is not None and (is_call(k_out, {operator.getitem}) or is_method(k_out, "__getitem__")):
         # A sliding-window cache keeps a crop of what attention used: its layout is tied to positions.
         return "window", k_out, v_out
     return ("fresh" if k_out is not None else "none"), k_out, v_out
@@ -462,25 +464,29 @@ def _cache_outputs(gm, region, k_lin: Node, v_lin: Node):
 # ------------------------------------------------------------------------------------------------
 # FFN
 # ------------------------------------------------------------------------------------------------
-def _match_ffn(regions, h_in: Node) -> FFNSpec:
+def _match_ffn(regions, h_in: Node, family: Family) -> FFNSpec:
     children = [c for c in regions if isinstance(c, str) or c is None]
     ffn_child = next((c for c in children if c and c.lower() in ("mlp", "feed_forward", "ffn")), None)
     if ffn_child is None:
         raise Unmatched("no MLP module in the layer")
     region = regions[ffn_child]
     lins = _linears(region, regions, ffn_child)
-    if "gate_up_proj" in lins:
-        fused = lins.pop("gate_up_proj")
+    fused_names = families.fused_names("fused_gate_up") & set(lins)
+    if fused_names and family.fused_gate_up not in fused_names:
+        raise Unmatched(f"FFN: fused {sorted(fused_names)} found, but the {family.name} family has separate "
+                        "gate/up projections")
+    if family.fused_gate_up in lins:
+        fused = lins.pop(family.fused_gate_up)
         w, bias = _weight_bias(fused)
         if bias is not None:
             raise Unmatched("FFN: biased projections are not supported")
         rows = shape_of(w)[0]
         act = _activation(region, None)
-        post_norm = _norm_fed_by(regions, children, lins["down_proj"]) if "down_proj" in lins else None
+        post_norm = _norm_fed_by(regions, children, lins["down_proj"], family) if "down_proj" in lins else None
         if "down_proj" not in lins:
             raise Unmatched("FFN: no down_proj linear")
         xn = fused.args[0]
-        norm = _norm_feeding(regions, children, xn, "FFN")
+        norm = _norm_feeding(regions, children, xn, "FFN", family)
         if norm.x is not h_in:
             raise Unmatched("FFN: its norm does not read the attention's residual output")
         w_down, _ = _weight_bias(lins["down_proj"])
@@ -488,7 +494,7 @@ def _match_ffn(regions, h_in: Node) -> FFNSpec:
         residual = next((u for u in ffn_out.users if is_add(u) and h_in in u.args), None)
         if residual is None:
             raise Unmatched("FFN: no residual add of the block input and the FFN output")
-        return FFNSpec(norm=norm, w_gate=RowSlice(w, 0, rows // 2), w_up=RowSlice(w, rows // 2, rows), w_down=w_down,
+        return FFNSpec(kind=family.mlp, norm=norm, w_gate=RowSlice(w, 0, rows // 2), w_up=RowSlice(w, rows // 2, rows), w_down=w_down,
                        act=act, post_norm=post_norm, intermediate=rows // 2, h_in=h_in, out=residual)
     for name in ("gate_proj", "up_proj", "down_proj"):
         if name not in lins:
@@ -501,16 +507,16 @@ def _match_ffn(regions, h_in: Node) -> FFNSpec:
     xn = lins["gate_proj"].args[0]
     if lins["up_proj"].args[0] is not xn:
         raise Unmatched("FFN: gate and up projections do not share one input")
-    norm = _norm_feeding(regions, children, xn, "FFN")
+    norm = _norm_feeding(regions, children, xn, "FFN", family)
     if norm.x is not h_in:
         raise Unmatched("FFN: its norm does not read the attention's residual output")
     act = _activation(region, lins["gate_proj"])
-    post_norm = _norm_fed_by(regions, children, lins["down_proj"])
+    post_norm = _norm_fed_by(regions, children, lins["down_proj"], family)
     ffn_out = _through_identity(post_norm.out if post_norm else lins["down_proj"])
     residual = next((u for u in ffn_out.users if is_add(u) and h_in in u.args), None)
     if residual is None:
         raise Unmatched("FFN: no residual add of the block input and the FFN output")
-    return FFNSpec(norm=norm, w_gate=w_gate, w_up=w_up, w_down=w_down, act=act, post_norm=post_norm,
+    return FFNSpec(kind=family.mlp, norm=norm, w_gate=w_gate, w_up=w_up, w_down=w_down, act=act, post_norm=post_norm,
                    intermediate=shape_of(w_gate)[0], h_in=h_in, out=residual)
 
 

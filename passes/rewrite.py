@@ -14,16 +14,17 @@ original output node is replaced by its full-length view, so the final norm, `ou
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
 from spts_compile import runtime as rt
-from spts_compile.config import KEEP_SET_SELECTORS
 
+from .blocks import attention_args, ffn_args, graph_value
 from .graph_utils import eliminate_dead_code
-from .locate import GraphAnalysis, LayerSpec, NormSpec, materialize
+from .locate import GraphAnalysis, LayerSpec
 from .plan import LayerPlan, Plan
 
 
@@ -41,23 +42,53 @@ class RewriteResult:
 class _Builder:
     def __init__(self, graph: Graph, layer: int):
         self.graph, self.layer = graph, layer
+        self.value = graph_value(graph)
 
     def __call__(self, name: str, fn, *args) -> Node:
         return self.graph.create_node("call_function", fn, args, {}, name=f"l{self.layer}_{name}")
 
     def item(self, node: Node, i: int, name: str) -> Node:
-        import operator
         return self.graph.create_node("call_function", operator.getitem, (node, i), {}, name=f"l{self.layer}_{name}")
 
 
-def _norm(spec: NormSpec | None):
-    return None if spec is None else spec.args()
+@dataclass
+class Stream:
+    """The skipping layers' residual stream: candidate rows, their positions and bookkeeping nodes."""
+
+    x: Node                       # [B, C, D] the candidates' rows
+    cand: Node                    # [B, C] their original positions
+    last: Node                    # [B] index of each row's last real token in cand
+    n_ref: Node                   # [B, N] a tensor whose last dim is N (for fractional budgets)
+    last_pos: Node                # [B] the last real token's position
+    real: Node | None             # [B, C] which candidates are real tokens (None without padding)
+    forced: Node | None = None    # [B, C] which candidates are always active (sink / window; None: none)
+    base: Node | None = None      # full-length hidden states the pruned tokens froze in
+    kept_scores: Node | None = None  # keep-set selectors: the latest probe scores of the kept candidates
+
+
+@dataclass
+class LayerContext:
+    """What a selector sees when it emits a skipping layer's scores (`spts_compile.selectors`)."""
+
+    layer: int
+    x: Node
+    cand: Node
+    seed: int
+    probe_scores: Node | None
+    hn: Node | None = None        # the FFN's normed input, once the attention is done
+    proxy: list | None = None     # the layer's LTP proxy inputs
+    ffn_act: str | None = None
+    real: Node | None = None
+    pap: bool = True
+
+    def ltp_scores(self, b, attn_scores):
+        return b("ltp_score", rt.ltp_scores, self.hn, *self.proxy, self.ffn_act, attn_scores if self.pap else None,
+                 self.real)
 
 
 def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: dict[int, tuple]) -> RewriteResult:
     """Rewrite gm in place. `proxies[layer]` holds the LTP proxy tensors of each skipping layer."""
     graph = gm.graph
-    schedule = plan.schedule
     pairs = [(s, p) for s, p in zip(analysis.layers, plan.layers) if p.mode == "skip"]
     result = RewriteResult([], [], {})
     if not pairs:
@@ -69,13 +100,16 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
         n_ref = b("positions", rt.initial_candidates, first.attn.x_in)
         last_pos = b("last_real", rt.last_real_position, first.attn.x_in, analysis.padding_mask)
         real = None if analysis.padding_mask is None else b("real", rt.real_candidates, analysis.padding_mask, n_ref)
-    state = dict(x=first.attn.x_in, cand=n_ref, last=last_pos, base=None, once_scores=None, real=real)
+        forced = b("forced", rt.forced_positions, n_ref, analysis.padding_mask, plan.schedule.sink,
+                   plan.schedule.window) if plan.schedule.forces else None
+    state = Stream(x=first.attn.x_in, cand=n_ref, last=last_pos, n_ref=n_ref, last_pos=last_pos, real=real,
+                   forced=forced)
     records: list[Node] = []
+    emit = _rewrite_layer_keep_set if plan.selector.keeps_set else _rewrite_layer
     for spec, lp in pairs:
         with graph.inserting_before(spec.ffn.out):
             b = _Builder(graph, spec.index)
-            full, kv = _rewrite_layer(b, gm, spec, lp, schedule, cfg, state, n_ref, last_pos, proxies, result,
-                                      records, first is spec)
+            full, kv = emit(b, gm, spec, lp, plan, cfg, state, proxies, result, records, first.index)
         spec.ffn.out.replace_all_uses_with(full)
         if spec.attn.k_out is not None:
             output.replace_input_with(spec.attn.k_out, kv[0])
@@ -90,114 +124,119 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
     return result
 
 
-def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, schedule, cfg, state, n_ref, last_pos, proxies,
-                   result, records, is_first):
-    a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
-    x, cand, last = state["x"], state["cand"], state["last"]
-    selector = cfg.selector
-    # ---- keep-set modes: probe at the first skipping layer ("once") or at each stage start ("stage") --
-    if selector in KEEP_SET_SELECTORS:
-        return _rewrite_layer_keep_set(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg)
+def _record(b, cfg, records, result, layer: int, block: str, fn, *args) -> None:
+    """With record_selection: one more graph output, the original positions `fn(*args)` a block ran on."""
+    if cfg.record_selection:
+        records.append(b(f"kept_{block}", fn, *args))
+        result.record_names.append((layer, block))
+
+
+def _smoothed(b, schedule, scores: Node) -> Node:
+    """The retrieval options' smoothing of a selection score (SEMANTICS.md, "Retrieval protection")."""
+    return b("smooth", rt.smooth_scores, scores, schedule.pool, schedule.pool_kind) if schedule.pool > 1 else scores
+
+
+def _forced(b, state: Stream, scores: Node, name: str) -> Node:
+    """Sink and window tokens score +inf: active in every top-M, never pruned."""
+    return scores if state.forced is None else b(f"force_{name}", rt.force_rows, scores, state.forced)
+
+
+def _keep(b, state: Stream, keep: Node, prefix: str) -> None:
+    """The per-candidate side inputs follow a selection of the candidates that stays for good."""
+    if state.real is not None:
+        state.real = b(f"{prefix}_real", torch.gather, state.real, 1, keep)
+    if state.forced is not None:
+        state.forced = b(f"{prefix}_forced", torch.gather, state.forced, 1, keep)
+
+
+def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, plan: Plan, cfg, state: Stream, proxies, result,
+                   records, first: int):
+    """Per-layer selection: probe -> select -> gather -> attend -> scatter, then the same for the FFN."""
+    schedule, selector = plan.schedule, plan.selector
+    a, f = attention_args(spec.attn, b.value), ffn_args(spec.ffn, b.value)
+    x, cand, last = state.x, state.cand, state.last
     # ---- attention (PAP) ------------------------------------------------------------------------------
-    xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
+    xn = b("attn_norm", rt.norm_apply, x, a.norm)
     # The probe's K rows feed the attention in every case; its scores feed PAP, LTP and the prune.
-    probe = b("probe", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
-              _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)
-    k_all, scores = b.item(probe, 0, "probe_k"), b.item(probe, 1, "probe_score")
-    if selector != "probe":
-        scores = b("baseline_score", rt.baseline_scores, selector, x, cand, spec.index, cfg.seed)
+    probe = b("probe", rt.probe_attention, *a.probe(xn, cand, last, schedule.probe_queries, schedule.heads))
+    k_all = b.item(probe, 0, "probe_k")
+    ctx = LayerContext(layer=spec.index, x=x, cand=cand, seed=cfg.seed, probe_scores=b.item(probe, 1, "probe_score"),
+                       ffn_act=f.act, real=state.real, pap=schedule.pap)
+    scores = _smoothed(b, schedule, selector.attn_scores(b, ctx))
+    chosen = _forced(b, state, scores, "attn")       # what the attention's top-M and the prune rank
+    v_all = None
     if schedule.pap:
-        act = b("select", rt.select_active, scores, last, lp.budget, n_ref)
+        act = b("select", rt.select_active, chosen, last, lp.budget, state.n_ref)
         xa = b("gather", rt.gather_rows, xn, act)
+        if schedule.kv_cache == "candidates":
+            v_all = b("values", rt.project_heads, *a.values(xn))
     else:
         act = b("all_rows", rt.initial_candidates, x)
         xa = xn
-    attn = b("attend", rt.attend_active, xa, act, cand, k_all, a.cos, a.sin, a.mask, a.wq, a.bq, a.wv, a.bv,
-             a.wo, a.bo, _norm(a.q_norm), _norm(a.post_norm), a.head_dim, a.scale)
+    attn = b("attend", rt.attend_active, *a.attend(xa, act, cand, k_all, v_all))
     delta, k_act, v_act = (b.item(attn, i, n) for i, n in enumerate(("attn_out", "k_active", "v_active")))
+    if v_all is not None:   # the cache keeps every candidate's K/V, at their original positions
+        k_act, v_act = k_all, v_all
     h = b("scatter", rt.scatter_add_rows, x, act, delta)
-    if cfg.record_selection:
-        records.append(b("kept_attn", torch.gather, cand, 1, act))
-        result.record_names.append((spec.index, "attn"))
+    _record(b, cfg, records, result, spec.index, "attn", torch.gather, cand, 1, act)
     # ---- FFN (LTP) ------------------------------------------------------------------------------------
-    hn = b("ffn_norm", rt.norm_apply, h, _norm(f.norm))
+    hn = b("ffn_norm", rt.norm_apply, h, f.norm)
     if schedule.ltp:
-        if selector == "probe":
-            consts = _proxy_nodes(gm, b, spec.index, proxies[spec.index], result)
-            s_ffn = b("ltp_score", rt.ltp_scores, hn, *consts, f.act, scores if schedule.pap else None,
-                      state["real"])
-        else:
-            s_ffn = scores
-        act_f = b("ffn_select", rt.select_active, s_ffn, last, lp.budget, n_ref)
+        ctx.hn = hn
+        if selector.uses_proxy:
+            ctx.proxy = _proxy_nodes(gm, b, spec.index, proxies[spec.index], result)
+        s_ffn = _forced(b, state, selector.ffn_scores(b, ctx, scores), "ffn")
+        act_f = b("ffn_select", rt.select_active, s_ffn, last, lp.budget, state.n_ref)
         ha = b("ffn_gather", rt.gather_rows, hn, act_f)
-        fo = b("ffn", rt.ffn_rows, ha, f.w_gate, f.w_up, f.w_down, f.act, _norm(f.post_norm))
+        fo = b("ffn", rt.ffn_rows, *f.ffn(ha))
         y = b("ffn_scatter", rt.scatter_add_rows, h, act_f, fo)
-        if cfg.record_selection:
-            records.append(b("kept_ffn", torch.gather, cand, 1, act_f))
-            result.record_names.append((spec.index, "ffn"))
+        _record(b, cfg, records, result, spec.index, "ffn", torch.gather, cand, 1, act_f)
     else:
-        fo = b("ffn", rt.ffn_rows, hn, f.w_gate, f.w_up, f.w_down, f.act, _norm(f.post_norm))
-        y = b("ffn_residual", torch.add, h, fo)
+        y = b("ffn_residual", torch.add, h, b("ffn", rt.ffn_rows, *f.ffn(hn)))
     # ---- full-length view, and MSDP prune at a stage end ---------------------------------------------
-    full = y if state["base"] is None else b("restore", rt.scatter_rows, state["base"], cand, y)
+    full = y if state.base is None else b("restore", rt.scatter_rows, state.base, cand, y)
     if lp.prune is not None:
-        keep = b("prune", rt.prune_keep, scores, last, lp.prune, n_ref, state["real"])
-        state["base"] = full
-        state["cand"] = b("prune_cand", torch.gather, cand, 1, keep)
-        if state["real"] is not None:
-            state["real"] = b("prune_real", torch.gather, state["real"], 1, keep)
-        state["x"] = b("prune_rows", rt.gather_rows, y, keep)
-        state["last"] = b("prune_last", rt.locate_in_candidates, state["cand"], last_pos)
+        keep = b("prune", rt.prune_keep, chosen, last, lp.prune, state.n_ref, state.real)
+        state.base = full
+        state.cand = b("prune_cand", torch.gather, cand, 1, keep)
+        _keep(b, state, keep, "prune")
+        state.x = b("prune_rows", rt.gather_rows, y, keep)
+        state.last = b("prune_last", rt.locate_in_candidates, state.cand, state.last_pos)
     else:
-        state["x"] = y
+        state.x = y
     return full, (k_act, v_act)
 
 
-def _rewrite_layer_keep_set(b, spec, lp, schedule, state, n_ref, last_pos, records, result, is_first, cfg):
-    """Keep-set modes. "once" (GemFilter-like): score tokens with the first skipping layer's probe only,
-    shrink the candidate set to each stage's budget by that score, and run every layer dense on it.
-    "stage": the same, but the first layer of every stage probes its (remaining) candidates again."""
-    a, f = materialize(b.graph, _causal_view(spec.attn)), materialize(b.graph, spec.ffn)
-    x, cand, last = state["x"], state["cand"], state["last"]
-    if is_first or (cfg.selector == "stage" and schedule.starts_stage(spec.index)):
-        xn0 = b("attn_norm0", rt.norm_apply, x, _norm(a.norm))
-        probe = b("probe", rt.probe_attention, xn0, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
-                  _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, schedule.probe_queries)
-        state["once_scores"] = b.item(probe, 1, "probe_score")
-    keep = b("select_once", rt.select_active, state["once_scores"], last, lp.budget, n_ref)
-    base = b("restore_before", rt.scatter_rows, state["base"], cand, x) if state["base"] is not None else x
-    state["base"] = base
+def _rewrite_layer_keep_set(b, gm, spec, lp, plan: Plan, cfg, state: Stream, proxies, result, records, first: int):
+    """Keep-set selectors: where the selector rescores, the probe ranks the remaining candidates; every
+    skipping layer keeps its budget of them for good and runs dense on them."""
+    schedule = plan.schedule
+    a, f = attention_args(spec.attn, b.value), ffn_args(spec.ffn, b.value)
+    x, cand, last = state.x, state.cand, state.last
+    if plan.selector.rescores(spec.index, schedule, first):
+        xn0 = b("attn_norm0", rt.norm_apply, x, a.norm)
+        probe = b("probe", rt.probe_attention, *a.probe(xn0, cand, last, schedule.probe_queries, schedule.heads))
+        state.kept_scores = _forced(b, state, _smoothed(b, schedule, b.item(probe, 1, "probe_score")), "once")
+    keep = b("select_once", rt.select_active, state.kept_scores, last, lp.budget, state.n_ref)
+    base = b("once_before", rt.scatter_rows, state.base, cand, x) if state.base is not None else x
+    state.base = base
     cand = b("once_cand", torch.gather, cand, 1, keep)
     x = b("once_rows", rt.gather_rows, x, keep)
-    state["once_scores"] = b("once_scores", torch.gather, state["once_scores"], 1, keep)
-    if state["real"] is not None:
-        state["real"] = b("once_real", torch.gather, state["real"], 1, keep)
-    last = b("once_last", rt.locate_in_candidates, cand, last_pos)
-    if cfg.record_selection:  # both blocks run on every kept row
-        for block in ("attn", "ffn"):
-            records.append(b(f"kept_{block}", torch.clone, cand))
-            result.record_names.append((spec.index, block))
-    xn = b("attn_norm", rt.norm_apply, x, _norm(a.norm))
-    probe = b("keys", rt.probe_attention, xn, cand, last, a.cos, a.sin, a.mask, a.wq, a.bq, a.wk, a.bk,
-              _norm(a.q_norm), _norm(a.k_norm), a.head_dim, a.scale, 1)
+    state.kept_scores = b("once_scores", torch.gather, state.kept_scores, 1, keep)
+    _keep(b, state, keep, "once")
+    last = b("once_last", rt.locate_in_candidates, cand, state.last_pos)
+    for block in ("attn", "ffn"):  # both blocks run on every kept row
+        _record(b, cfg, records, result, spec.index, block, torch.clone, cand)
+    xn = b("attn_norm", rt.norm_apply, x, a.norm)
+    probe = b("keys", rt.probe_attention, *a.probe(xn, cand, last, 1))
     act = b("all_rows", rt.initial_candidates, x)
-    attn = b("attend", rt.attend_active, xn, act, cand, b.item(probe, 0, "probe_k"), a.cos, a.sin, a.mask, a.wq,
-             a.bq, a.wv, a.bv, a.wo, a.bo, _norm(a.q_norm), _norm(a.post_norm), a.head_dim, a.scale)
+    attn = b("attend", rt.attend_active, *a.attend(xn, act, cand, b.item(probe, 0, "probe_k")))
     h = b("attn_residual", torch.add, x, b.item(attn, 0, "attn_out"))
-    hn = b("ffn_norm", rt.norm_apply, h, _norm(f.norm))
-    y = b("ffn_residual", torch.add, h, b("ffn", rt.ffn_rows, hn, f.w_gate, f.w_up, f.w_down, f.act,
-                                          _norm(f.post_norm)))
-    state.update(x=y, cand=cand, last=last)
+    hn = b("ffn_norm", rt.norm_apply, h, f.norm)
+    y = b("ffn_residual", torch.add, h, b("ffn", rt.ffn_rows, *f.ffn(hn)))
+    state.x, state.cand, state.last = y, cand, last
     full = b("restore", rt.scatter_rows, base, cand, y)
     return full, (b.item(attn, 1, "k_active"), b.item(attn, 2, "v_active"))
-
-
-def _causal_view(a):
-    """A mask built in-graph from aranges alone is plain causal: read it from candidate order instead of
-    gathering from a materialised [N, N] tensor."""
-    from dataclasses import replace
-    from .cleanup import is_builtin_causal
-    return replace(a, mask=None) if is_builtin_causal(a.mask) else a
 
 
 def _proxy_nodes(gm: GraphModule, b, layer: int, tensors, result) -> list[Node]:

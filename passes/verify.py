@@ -15,9 +15,11 @@ from typing import Any
 import torch
 import torch.fx
 from torch.fx import GraphModule, Node
+from torch.utils.weak import WeakIdKeyDictionary
 
 from spts_compile import runtime as rt
 
+from .blocks import attention_args, ffn_args
 from .locate import GraphAnalysis, LayerSpec, slice_value
 
 
@@ -55,16 +57,6 @@ def _nodes_of(spec: LayerSpec) -> set[Node]:
     return nodes
 
 
-def _value(x, values, params):
-    return slice_value(x, lambda n: values[n] if n in values else params[n])
-
-
-def _norm_value(norm, values, params):
-    if norm is None:
-        return None
-    return (_value(norm.weight, values, params), _value(norm.eps, values, params), norm.unit_offset)
-
-
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> str | None:
     if got.shape != want.shape:
         return f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -94,56 +86,60 @@ def _prefix(values: dict, spec: LayerSpec, t: int) -> dict:
 
 
 def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[dict, str | None]:
-    """Canonical attention and FFN with every token active, on the captured inputs (the first PREFIX
-    tokens: attention is causal, so they are a complete test of the block and cost little)."""
+    """The block as the rewrite emits it, with every token active, on the captured inputs (the first PREFIX
+    tokens: attention is causal, so they are a complete test of the block and cost little): probe, attention
+    on the active rows and FFN, with the helpers' arguments from the one builder (`blocks`), and the dense
+    clean-up's form of the attention too."""
     a, f = spec.attn, spec.ffn
     n = values[a.x_in].shape[1]
     if n > PREFIX:
         values = _prefix(values, spec, PREFIX)
         padding_mask = padding_mask[:, :PREFIX] if padding_mask is not None else None
-    v = lambda x: _value(x, values, params)  # noqa: E731
-    x = v(a.x_in)
+
+    def value(x):
+        return slice_value(x, lambda node: values[node] if node in values else params[node])
+    aa, fa = attention_args(a, value), ffn_args(f, value)
+    x = values[a.x_in]
     cand = rt.initial_candidates(x)
     last = rt.last_real_position(x, padding_mask)
-    xn = rt.norm_apply(x, _norm_value(a.norm, values, params))
-    qn, kn = _norm_value(a.q_norm, values, params), _norm_value(a.k_norm, values, params)
-    mask = v(a.mask) if a.mask is not None else None
-    k_all, _scores = rt.probe_attention(xn, cand, last, v(a.cos), v(a.sin), mask, v(a.wq), v(a.bq), v(a.wk),
-                                        v(a.bk), qn, kn, a.head_dim, v(a.scale), 1)
-    act = cand
-    delta, k_act, v_act = rt.attend_active(xn, act, cand, k_all, v(a.cos), v(a.sin), mask, v(a.wq), v(a.bq),
-                                           v(a.wv), v(a.bv), v(a.wo), v(a.bo), qn,
-                                           _norm_value(a.post_norm, values, params), a.head_dim, v(a.scale))
-    h = rt.scatter_add_rows(x, act, delta)
-    problems = [_close(h, values[a.out], f"layer {spec.index} attention")]
+    xn = rt.norm_apply(x, aa.norm)
+    k_all, _scores = rt.probe_attention(*aa.probe(xn, cand, last, 1))
+    delta, k_act, v_act = rt.attend_active(*aa.attend(xn, cand, cand, k_all))
+    h = rt.scatter_add_rows(x, cand, delta)
+    h_all, k_dense, v_dense = rt.attend_all(*aa.attend_all(x))
+    problems = [_close(h, values[a.out], f"layer {spec.index} attention"),
+                _close(h_all, values[a.out], f"layer {spec.index} attention (dense form)")]
     if a.k_out is not None:
-        problems.append(_close(k_act, values[a.k_out], f"layer {spec.index} K cache"))
-        problems.append(_close(v_act, values[a.v_out], f"layer {spec.index} V cache"))
+        problems += [_close(k_act, values[a.k_out], f"layer {spec.index} K cache"),
+                     _close(v_act, values[a.v_out], f"layer {spec.index} V cache"),
+                     _close(k_dense, values[a.k_out], f"layer {spec.index} K cache (dense form)"),
+                     _close(v_dense, values[a.v_out], f"layer {spec.index} V cache (dense form)")]
     h_in = values[a.out]
-    hn = rt.norm_apply(h_in, _norm_value(f.norm, values, params))
-    y = h_in + rt.ffn_rows(hn, v(f.w_gate), v(f.w_up), v(f.w_down), f.act, _norm_value(f.post_norm, values, params))
+    y = h_in + rt.ffn_rows(*fa.ffn(rt.norm_apply(h_in, fa.norm)))
     problems.append(_close(y, values[f.out], f"layer {spec.index} FFN"))
     problems = [p for p in problems if p]
     return {"h": h, "y": y}, (problems[0] if problems else None)
 
 
-_VERDICTS: dict[tuple, tuple[list, dict[int, str]]] = {}
+# Verdicts per model, weakly keyed by its first weight (a verdict dies with its model): the graph's code
+# with its numbers blanked (lengths differ between compiles of one model) and the identity of every weight.
+_VERDICTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _signature(gm: GraphModule, example_inputs) -> tuple[tuple, list]:
-    """The graph's code with its numbers blanked (lengths differ between compiles of one model), and the
-    identity of its weights: a verdict holds for every graph with the same signature. Weak references
-    guard against a dead model's ids being reused by a new one."""
-    code = re.sub(r"\b\d+\b", "#", gm.code)
+def _verdicts_for(gm: GraphModule, example_inputs) -> dict[int, str]:
+    """The remembered successes (layer -> note) of graphs with this graph's signature: a verdict holds for
+    every graph with the same code and the same weights. Weak references guard against a dead weight's id
+    being reused by a new one while the first weight lives."""
     weights = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    return (code, tuple(id(w) for w in weights)), [weakref.ref(w) for w in weights]
-
-
-def _cached(key, refs) -> dict[int, str]:
-    entry = _VERDICTS.get(key)
-    if entry is None or len(entry[0]) != len(refs) or any(a() is None or a() is not b() for a, b in zip(entry[0], refs)):
+    if not weights:
         return {}
-    return entry[1]
+    key = (re.sub(r"\b\d+\b", "#", gm.code), tuple(id(w) for w in weights))
+    per_model = _VERDICTS.setdefault(weights[0], {})
+    refs, verdicts = per_model.get(key, ((), None))
+    if verdicts is None or any(r() is not w for r, w in zip(refs, weights)):
+        verdicts = {}
+        per_model[key] = ([weakref.ref(w) for w in weights], verdicts)
+    return verdicts
 
 
 def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: list[LayerSpec]) -> float:
@@ -152,8 +148,7 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
     t0 = time.perf_counter()
     if not layers:
         return 0.0
-    key, refs = _signature(gm, example_inputs)
-    cached = _cached(key, refs)
+    cached = _verdicts_for(gm, example_inputs)
     if all(l.index in cached for l in layers):
         for l in layers:
             l.verified, l.verify_note = True, cached[l.index] + " (cached verdict)"
@@ -184,5 +179,4 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         l.verify_note = "reproduces the region" if problem is None else problem
         if l.verified:  # only successes are remembered: a failure is checked again next time
             cached[l.index] = l.verify_note
-    _VERDICTS[key] = (refs, cached)
     return time.perf_counter() - t0

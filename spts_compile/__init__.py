@@ -6,9 +6,11 @@ Importing this package also registers the backend (the entry point does it witho
 """
 from .config import SPTSConfig
 from .calibration import Calibration, calibrate
-from .backend import last_plan, recorded_selection, spts_backend
+from .backend import last_plan, recorded_selection, reset_warnings, spts_backend
+from . import selectors
 
-__all__ = ["SPTSConfig", "Calibration", "calibrate", "spts_backend", "last_plan", "recorded_selection"]
+__all__ = ["SPTSConfig", "Calibration", "calibrate", "spts_backend", "last_plan", "recorded_selection",
+           "reset_warnings", "selectors"]
 
 
 def _register() -> None:

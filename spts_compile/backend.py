@@ -1,30 +1,35 @@
-"""The `spts` torch.compile backend: analyse -> verify -> plan -> rewrite -> Inductor.
+"""The `spts` torch.compile backend: analyse -> verify -> plan -> rewrite -> compile.
 
 `spts_backend(gm, example_inputs, *, mode=None, options=None)` receives Dynamo's torch-level FX graph.
-Anything it cannot match falls back to plain Inductor with one warning that names the reason.
+Anything it cannot match falls back to plain Inductor with one warning that names the reason. Each step
+lives in the module that owns it: `passes.locate`, `passes.verify`, `passes.plan` (gating, the first skipping
+layer, budgets and FLOPs), `proxies` (LTP), `passes.cleanup` and `passes.rewrite`, and `runner` (what Dynamo
+calls, which owns the compile record).
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
-import weakref
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from .config import KEEP_SET_SELECTORS, SPTSConfig
-from .passes import cleanup, locate, plan as planning, rewrite as rewriting, verify as verifying
-from .passes.locate import GraphAnalysis
-from . import calibration as calib
+from . import proxies as ltp_proxies
 from . import report as reporting
+from .config import SPTSConfig
+from .passes import cleanup, locate, plan as planning, rewrite as rewriting, verify as verifying
+from .runner import (PADDED_CACHE_MESSAGE, CompileRecord, PaddedCacheError, Runner, is_padded_batch, last_plan,
+                     recorded_selection)
+from .selectors import get as get_selector
+
+__all__ = ["spts_backend", "last_plan", "recorded_selection", "reset_warnings", "PaddedCacheError", "CompileRecord"]
 
 log = logging.getLogger("spts_compile")
 
 _warned: set[str] = set()
-_LAST: dict[str, Any] = {"plan": None, "selection": None}
+_graph_ids = itertools.count(1)
 
 
 def _warn_once(msg: str) -> None:
@@ -33,56 +38,134 @@ def _warn_once(msg: str) -> None:
         log.warning(msg)
 
 
-@dataclass
-class CompileRecord:
-    """What one backend call found and did; written to the dumps and returned by `last_plan()`."""
-
-    graph_id: int
-    kind: str = "prefill"
-    reason: str | None = None
-    analysis: GraphAnalysis | None = None
-    plan: Any = None
-    schedule: Any = None
-    seq_len: Any = None
-    verify_seconds: float = 0.0
-    proxy_seconds: float = 0.0          # building the LTP proxies (channel ranking + low-rank factors)
-    inductor_seconds: float = 0.0       # code generation of the rewritten graph (and of its dense twin)
-    compile_seconds: float = 0.0        # the whole backend call
-    ltp_mode: str | None = None
-    cleanup_layers: list[int] = field(default_factory=list)
-    rewritten_layers: list[int] = field(default_factory=list)
-
-
-_graph_counter = 0
+def reset_warnings() -> None:
+    """Forget which one-time warnings were given (each is logged once per process otherwise)."""
+    _warned.clear()
 
 
 def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
     """Compile a Dynamo graph with SPTS token skipping applied to its decoder layers."""
-    global _graph_counter
     cfg = SPTSConfig.from_options(options)  # bad options raise here, before any work
     if mode not in (None, "default"):
         raise ValueError(f"spts: mode={mode!r} is not supported; pass settings through options=")
-    _graph_counter += 1
-    record = CompileRecord(graph_id=_graph_counter)
+    record = CompileRecord(graph_id=next(_graph_ids))
     t0 = time.perf_counter()
     before = gm.code if cfg.debug_dir else None
     work = _clone(gm)  # Dynamo reads its own graph after we return: never edit it in place
     try:
-        compiled = _compile(work, example_inputs, cfg, record, original=gm)
+        runner = _compile(work, example_inputs, cfg, record, original=gm)
     except (PaddedCacheError, torch._dynamo.exc.TorchDynamoException):
         raise  # refusals, and Dynamo's own control flow (e.g. restart analysis), are not ours to swallow
     except Exception as e:  # never crash the user's model on an analysis problem: fall back to dense
         _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
         log.debug("spts: analysis failure", exc_info=True)
         record.kind, record.reason = "fallback", f"{type(e).__name__}: {e}"
-        compiled = _inner_compile(cfg, gm, example_inputs)
+        runner = Runner(_inner_compile(cfg, gm, example_inputs), record)
     record.compile_seconds = time.perf_counter() - t0
-    if record.kind in ("prefill", "fallback"):
-        _LAST["plan"] = record  # the latest prefill graph, whatever became of it (not a decode step, nor a
-        #                         layer-less piece such as an lm_head split off by a graph break)
     if cfg.debug_dir:
         reporting.write_dump(cfg.debug_dir, record, before, work)
-    return compiled
+    return runner
+
+
+def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, original) -> Runner:
+    """The five steps. A graph the backend leaves as it is compiles from Dynamo's own module (`original`),
+    not from the working copy, so that Inductor's cache (keyed on the module) is shared with plain
+    `backend="inductor"` compiles."""
+    analysis = _analyse(gm, record)
+    if analysis is None:
+        return Runner(_inner_compile(cfg, original, example_inputs), record)
+    schedule = cfg.resolve(len(analysis.layers))
+    record.schedule = schedule
+    gate = planning.gate(analysis, schedule, cfg)
+    record.reason = gate.reason
+    if gate.warn:
+        _warn_once(f"spts: {gate.reason}")
+    _verify(gm, analysis, example_inputs, schedule, gate, cfg, record)
+    selector = get_selector(cfg.selector)
+    first_skip = _first_skip(analysis, schedule, gate)
+    plan = record.plan = planning.make_plan(analysis, schedule, first_skip, selector)
+    compacts_cache = first_skip is not None and selector.compacts_cache(schedule) and \
+        any(l.attn.k_out is not None for l in analysis.layers if l.matched)
+    _check_batch(gm, example_inputs, analysis, schedule, first_skip, compacts_cache)
+    params = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+    proxies, watched = {}, []
+    if first_skip is not None and schedule.ltp and selector.uses_proxy:
+        t = time.perf_counter()
+        proxies, watched, record.ltp_mode = ltp_proxies.build(analysis, plan, cfg, params)
+        record.proxy_seconds = time.perf_counter() - t
+    dense_gm = _clone(gm) if first_skip is not None and isinstance(analysis.seq_len, torch.SymInt) \
+        and schedule.min_tokens > 1 else None   # short prompts at run time take a dense graph
+    if cfg.causal_cleanup:
+        record.cleanup_layers = cleanup.apply(gm, analysis, plan)
+    result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
+    if result is not None:
+        record.rewritten_layers = result.rewritten_layers
+    return _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm, compacts_cache)
+
+
+def _analyse(gm, record: CompileRecord):
+    """Step 1: the decoder layers and their blocks; None when there is nothing to rewrite (with the reason)."""
+    analysis = locate.analyse(gm)
+    record.analysis, record.kind, record.seq_len = analysis, analysis.kind, analysis.seq_len
+    if analysis.kind == "none":
+        _warn_once(f"spts: no decoder layers matched, compiling with plain Inductor: {analysis.reason}")
+        record.reason = analysis.reason
+        return None
+    unmatched = [l for l in analysis.layers if not l.matched]
+    if unmatched and len(unmatched) == len(analysis.layers):
+        _warn_once(f"spts: no decoder layer could be matched (layer {unmatched[0].index}: {unmatched[0].reason}); "
+                   "compiling with plain Inductor")
+        record.reason = unmatched[0].reason
+        return None
+    return analysis
+
+
+def _verify(gm, analysis, example_inputs, schedule, gate, cfg, record) -> None:
+    """Step 2: the layers the passes will touch reproduce their regions (or are left dense, with the reason)."""
+    to_verify = planning.layers_to_verify(analysis, schedule, gate.skipping,
+                                          lambda l: cfg.causal_cleanup and cleanup.wants(l))
+    if cfg.verify:
+        record.verify_seconds = verifying.verify(gm, analysis, example_inputs, to_verify)
+    else:
+        for l in to_verify:
+            l.verified, l.verify_note = True, "verification disabled"
+
+
+def _first_skip(analysis, schedule, gate) -> int | None:
+    if not gate.skipping:
+        return None
+    first = planning.first_skipping_layer(analysis, schedule.start_layer)
+    if first is None:
+        bad = next(l for l in analysis.layers[::-1] if not (l.matched and l.verified))
+        _warn_once(f"spts: no layer can skip (layer {bad.index}: {bad.reason or bad.verify_note}); dense Inductor")
+    return first
+
+
+def _check_batch(gm, example_inputs, analysis, schedule, first_skip, compacts_cache) -> None:
+    """Refusals and warnings that depend on the batch: a padded batch cannot keep a compacted cache."""
+    padded = is_padded_batch(_input_of(gm, example_inputs, analysis.padding_mask))
+    if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
+        _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
+                   "row's selection depends on the batch's padding; give int budgets for row-independent results")
+    if compacts_cache and padded:
+        raise PaddedCacheError(PADDED_CACHE_MESSAGE)
+
+
+def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm, compacts_cache):
+    """Step 5: compile the rewritten graph (and the dense twin for short prompts), and wrap it in a Runner."""
+    extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
+    t = time.perf_counter()
+    untouched = result is None and not record.cleanup_layers
+    compiled = _inner_compile(cfg, original if untouched else gm, list(example_inputs) + extra)
+    dense = None
+    if dense_gm is not None:
+        changed = cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis) \
+            if cfg.causal_cleanup else []
+        dense = _inner_compile(cfg, dense_gm if changed else original, example_inputs)
+    record.inductor_seconds = time.perf_counter() - t
+    pad_index = _placeholder_index(gm, analysis.padding_mask) if compacts_cache else None
+    return Runner(compiled, record, dense=dense, seq_source=analysis.seq_source, min_tokens=record.schedule.min_tokens,
+                  result=result, watched=watched, pad_index=pad_index)
 
 
 def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs):
@@ -106,113 +189,13 @@ def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new
 
 
-def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, original=None):
-    # A graph the backend leaves as it is compiles from Dynamo's own module, not from the working copy,
-    # so that Inductor's cache (keyed on the module) is shared with plain `backend="inductor"` compiles.
-    original = gm if original is None else original
-    analysis = locate.analyse(gm)
-    record.analysis, record.kind, record.seq_len = analysis, analysis.kind, analysis.seq_len
-    if analysis.kind == "none":
-        _warn_once(f"spts: no decoder layers matched, compiling with plain Inductor: {analysis.reason}")
-        record.reason = analysis.reason
-        return _inner_compile(cfg, original, example_inputs)
-    unmatched = [l for l in analysis.layers if not l.matched]
-    if unmatched and len(unmatched) == len(analysis.layers):
-        _warn_once(f"spts: no decoder layer could be matched (layer {unmatched[0].index}: {unmatched[0].reason}); "
-                   "compiling with plain Inductor")
-        record.reason = unmatched[0].reason
-        return _inner_compile(cfg, original, example_inputs)
-    schedule = cfg.resolve(len(analysis.layers))
-    record.schedule = schedule
-    static_n = analysis.seq_len if isinstance(analysis.seq_len, int) else None
-    skipping = cfg.skipping and analysis.kind == "prefill"
-    if skipping and static_n is not None and static_n < schedule.min_tokens:
-        skipping = False
-        record.reason = f"prompt of {static_n} tokens is shorter than min_tokens={schedule.min_tokens}: dense"
-    elif analysis.kind != "prefill":
-        record.reason = analysis.reason
-    if skipping and any(l.cache == "window" for l in analysis.layers if l.matched):
-        skipping = False
-        record.reason = ("the KV cache has sliding-window layers, whose cache layout SPTS cannot compact: "
-                         "this prefill runs dense (pass use_cache=False for a skipping prefill-only pass)")
-        _warn_once(f"spts: {record.reason}")
-    # Verify the layers we will touch: the skipping range, and dense layers the clean-up may rewrite.
-    first_skip = None
-    to_verify = [l for l in analysis.layers if l.matched and (
-        (skipping and l.index >= schedule.start_layer) or (cfg.causal_cleanup and cleanup.wants(l)))]
-    if cfg.verify:
-        record.verify_seconds = verifying.verify(gm, analysis, example_inputs, to_verify)
-    else:
-        for l in to_verify:
-            l.verified, l.verify_note = True, "verification disabled"
-    if skipping:
-        first_skip = _first_skipping_layer(analysis, schedule.start_layer)
-        if first_skip is None:
-            bad = next(l for l in analysis.layers[::-1] if not (l.matched and l.verified))
-            _warn_once(f"spts: no layer can skip (layer {bad.index}: {bad.reason or bad.verify_note}); dense Inductor")
-    plan = planning.make_plan(analysis, schedule, first_skip, cfg.selector)
-    record.plan = plan
-    compacts_cache = first_skip is not None and (schedule.pap or schedule.msdp or cfg.selector in KEEP_SET_SELECTORS) and \
-        any(l.attn.k_out is not None for l in analysis.layers if l.matched)
-    padded = _is_padded_batch(params_value(gm, example_inputs, analysis.padding_mask))
-    if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
-        _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
-                   "row's selection depends on the batch's padding; give int budgets for row-independent results")
-    if compacts_cache and padded:
-        raise PaddedCacheError(PADDED_CACHE_MESSAGE)
-    dense_gm = None
-    if first_skip is not None and isinstance(analysis.seq_len, torch.SymInt) and schedule.min_tokens > 1:
-        dense_gm = _clone(gm)  # short prompts at run time take the dense graph
-    params = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
-    proxies, watched = {}, []
-    if first_skip is not None and schedule.ltp and cfg.selector == "probe":  # only the probe uses the proxies
-        t = time.perf_counter()
-        proxies, watched, record.ltp_mode = _build_proxies(analysis, plan, cfg, params)
-        record.proxy_seconds = time.perf_counter() - t
-    if cfg.causal_cleanup:
-        record.cleanup_layers = cleanup.apply(gm, analysis, plan)
-    result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
-    if result is not None:
-        record.rewritten_layers = result.rewritten_layers
-    extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
-    t = time.perf_counter()
-    untouched = result is None and not record.cleanup_layers
-    compiled = _inner_compile(cfg, original if untouched else gm, list(example_inputs) + extra)
-    dense = None
-    if dense_gm is not None:
-        changed = cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis) \
-            if cfg.causal_cleanup else []
-        dense = _inner_compile(cfg, dense_gm if changed else original, example_inputs)
-    record.inductor_seconds = time.perf_counter() - t
-    if result is None and dense is None:
-        return compiled
-    pad_index = _placeholder_index(gm, analysis.padding_mask) if compacts_cache else None
-    return _Runner(compiled, dense, analysis.seq_source, schedule.min_tokens, result, watched, pad_index)
-
-
-PADDED_CACHE_MESSAGE = (
-    "spts: a padded batch (batch > 1 with padding in attention_mask) cannot keep a KV cache for decoding: "
-    "each row keeps different tokens, while the decode step's mask assumes one length for every row. "
-    "Run it as batch 1 (one prompt at a time), pass use_cache=False for a prefill-only pass, or disable "
-    "cache compaction with options={'pap': False, 'msdp': False}.")
-
-
-class PaddedCacheError(ValueError):
-    """A padded batch asked for a compacted KV cache: refused, with how to run it instead."""
-
-
-def _is_padded_batch(padding_mask) -> bool:
-    """Batch > 1 with padding somewhere in the 2D attention mask."""
-    return padding_mask is not None and padding_mask.shape[0] > 1 and not bool(padding_mask.bool().all())
-
-
 def _placeholder_index(gm, node) -> int | None:
     if node is None:
         return None
-    return [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+    return list(gm.graph.find_nodes(op="placeholder")).index(node)
 
 
-def params_value(gm, example_inputs, node):
+def _input_of(gm, example_inputs, node):
     i = _placeholder_index(gm, node)
     return None if i is None else example_inputs[i]
 
@@ -226,104 +209,3 @@ def _static_fakes(tensors, example_inputs) -> list:
     if fake_mode is None:
         return list(tensors)
     return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
-
-
-def _first_skipping_layer(analysis: GraphAnalysis, start: int) -> int | None:
-    """Skipping needs every layer from the first skipping one to the last to be matched and verified."""
-    first = None
-    for l in reversed(analysis.layers):
-        if l.index < start:
-            break
-        if not (l.matched and l.verified):
-            break
-        first = l.index
-    return first
-
-
-def _build_proxies(analysis, plan, cfg: SPTSConfig, params):
-    calibration = calib.resolve_calibration(cfg.calibration)
-    ffns = [l.ffn for l in analysis.layers]
-    if calibration is not None:
-        calibration.check_fits(len(ffns), analysis.layers[0].attn.hidden, [f.intermediate for f in ffns])
-    proxies, watched = {}, []
-    for spec, lp in zip(analysis.layers, plan.layers):
-        if lp.mode != "skip":
-            continue
-        f = spec.ffn
-        w_gate, w_up, w_down = (locate.slice_value(w, params.__getitem__) for w in (f.w_gate, f.w_up, f.w_down))
-        channels, rank = planning.ltp_dims(plan.schedule, f.intermediate, spec.attn.hidden)
-        importance = calibration.importance_for(spec.index) if calibration is not None else None
-        proxy = calib.build_ltp_proxy(w_gate, w_up, w_down, channels=channels, rank=rank, importance=importance)
-        proxies[spec.index] = tuple(t.contiguous() for t in proxy.tensors())
-        watched.append(_ProxyWatch(spec.index, (w_gate, w_up, w_down), channels, rank, importance))
-    return proxies, watched, ("calibration" if calibration is not None else "weights")
-
-
-@dataclass
-class _ProxyWatch:
-    """Rebuilds a layer's LTP proxy in place when its FFN weights change after compiling."""
-
-    layer: int
-    weights: tuple
-    channels: int
-    rank: int
-    importance: Any
-    versions: tuple = ()
-
-    def __post_init__(self):
-        self.versions = tuple(w._version for w in self.weights)
-
-    def stale(self) -> bool:
-        return tuple(w._version for w in self.weights) != self.versions
-
-
-class _Runner:
-    """The callable handed back to Dynamo: dispatches short prompts to the dense graph, strips the
-    selection-recording outputs, and keeps LTP proxies in step with the weights."""
-
-    def __init__(self, compiled, dense, seq_source, min_tokens, result, watched, pad_index):
-        self.compiled, self.dense = compiled, dense
-        self.pad_index = pad_index
-        self.seq_source, self.min_tokens = seq_source, min_tokens
-        self.n_records = len(result.record_names) if result else 0
-        self.record_names = result.record_names if result else []
-        self.watched = watched
-        self.extra = list(result.extra_inputs) if result else []
-        self.buffers = {l: [self.extra[i] for i in pos] for l, pos in result.proxy_buffers.items()} if result else {}
-
-    def __call__(self, *args):
-        if self.dense is not None and self.seq_source is not None:
-            n = args[self.seq_source].shape[1]
-            if n < self.min_tokens:
-                return self.dense(*args)
-        if self.pad_index is not None and _is_padded_batch(args[self.pad_index]):
-            raise PaddedCacheError(PADDED_CACHE_MESSAGE)
-        self._refresh_proxies()
-        out = self.compiled(*args, *self.extra) if self.extra else self.compiled(*args)
-        if self.n_records:
-            out, kept = list(out[:-self.n_records]), out[-self.n_records:]
-            _LAST["selection"] = [{"layer": l, "block": blk, "active": t}
-                                  for (l, blk), t in zip(self.record_names, kept)]
-        return out
-
-    def _refresh_proxies(self):
-        for w in self.watched:
-            if w.stale():
-                proxy = calib.build_ltp_proxy(*w.weights, channels=w.channels, rank=w.rank, importance=w.importance)
-                with torch.no_grad():
-                    for dst, src in zip(self.buffers[w.layer], proxy.tensors()):
-                        dst.copy_(src)
-                w.versions = tuple(x._version for x in w.weights)
-                log.info("spts: layer %d FFN weights changed since compiling; rebuilt its LTP proxy", w.layer)
-
-
-def last_plan() -> dict | None:
-    """A summary of the most recently compiled prefill graph's plan (FLOPs, KV tokens, layers)."""
-    rec = _LAST["plan"]
-    return None if rec is None else reporting.summary(rec)
-
-
-def recorded_selection() -> list[dict] | None:
-    """With `record_selection=True`: per layer and block, the original positions of the active tokens
-    of the most recent call."""
-    return _LAST["selection"]

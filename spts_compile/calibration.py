@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import families
+
 FORMAT_TAG = "spts-calibration"
 FORMAT_VERSION = 1
 
@@ -39,12 +41,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
 }
 
-# Hugging Face `hidden_act` spellings mapped onto the proxy's activation names.
-_HF_ACT_NAMES = {
-    "silu": "silu", "swish": "silu",
-    "gelu": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,10 +163,10 @@ def proxy_norm(x: Tensor, proxy_tensors: Sequence[Tensor], act: str) -> Tensor:
 def proxy_act(hidden_act: str) -> str:
     """Map a Hugging Face `config.hidden_act` onto the activation name `proxy_norm` accepts."""
     try:
-        return _HF_ACT_NAMES[hidden_act]
+        return families.HF_ACTIVATIONS[hidden_act]
     except KeyError:
         raise ValueError(f"spts: LTP does not support the FFN activation {hidden_act!r}; supported: "
-                         f"{sorted(_HF_ACT_NAMES)}") from None
+                         f"{sorted(families.HF_ACTIVATIONS)}") from None
 
 
 def _check_ffn_shapes(w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> None:
@@ -190,14 +186,23 @@ def _check_positive_int(name: str, value: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # Finding the FFNs of a model
 # ---------------------------------------------------------------------------------------------
+def _fused_gate_up(module: nn.Module) -> nn.Linear | None:
+    """The module's fused gate/up projection, under any name the family table gives one (Phi-3's
+    `gate_up_proj`)."""
+    for name in sorted(families.fused_names("fused_gate_up")):
+        if isinstance(getattr(module, name, None), nn.Linear):
+            return getattr(module, name)
+    return None
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
-    """True for a gated FFN: Linear `gate_proj` + `up_proj` + `down_proj`, or a fused
-    `gate_up_proj` (Phi-3) + `down_proj`."""
+    """True for a gated FFN: Linear `gate_proj` + `up_proj` + `down_proj`, or a fused gate/up projection
+    (as the family table names it) + `down_proj`."""
     def linear(name: str) -> bool:
         return isinstance(getattr(module, name, None), nn.Linear)
 
     separate = linear("gate_proj") and linear("up_proj")
-    return linear("down_proj") and (separate or linear("gate_up_proj"))
+    return linear("down_proj") and (separate or _fused_gate_up(module) is not None)
 
 
 def find_mlps(model: nn.Module) -> list[nn.Module]:
@@ -231,7 +236,7 @@ def mlp_weights(mlp: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"spts: {type(mlp).__name__} is not a gated FFN (gate_proj/up_proj/down_proj)")
     if isinstance(getattr(mlp, "gate_proj", None), nn.Linear):
         return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-    gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+    gate, up = _fused_gate_up(mlp).weight.chunk(2, dim=0)
     return gate, up, mlp.down_proj.weight
 
 
@@ -253,7 +258,7 @@ def channel_saliency(mlp: nn.Module, x: Tensor) -> Tensor:
     if isinstance(getattr(mlp, "gate_proj", None), nn.Linear):
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     else:
-        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = _fused_gate_up(mlp)(x).chunk(2, dim=-1)
     return (mlp_activation(mlp)(gate) * up).abs().float()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -37,9 +37,10 @@ GENERIC_PRUNE = 0.03125
 GENERIC_LTP_CHANNEL_FRACTION = Fraction(1, 6)   # D_low as a share of the FFN width
 GENERIC_LTP_RANK_FRACTION = Fraction(1, 4)      # r as a share of D_low
 
-SELECTORS = ("probe", "recent", "norm", "random", "once", "stage")
-KEEP_SET_SELECTORS = ("once", "stage")  # drop the unselected tokens for good, run dense on the rest
 COMPILERS = ("inductor", "eager")
+POOL_KINDS = ("avg", "max")
+HEAD_AGGREGATIONS = ("mean", "max", "kv_union")
+KV_CACHE_POLICIES = ("active", "candidates")
 
 
 @dataclass
@@ -54,15 +55,23 @@ class SPTSConfig:
     ltp: bool = True
     msdp: bool = True
     probe_queries: int = 1
+    # Retrieval protection (not in the paper; SEMANTICS.md "Retrieval protection"): smoothing of the scores
+    # before top-M, always-active first (sink) and last (window) tokens, how the probe aggregates heads, and
+    # whether a skipping layer's KV cache keeps its active tokens only or every candidate.
+    pool: int = 1
+    pool_kind: str = "avg"
+    sink: int = 0
+    window: int = 0
+    heads: str = "mean"
+    kv_cache: str = "active"
     ltp_channels: int | None = None
     ltp_rank: int | None = None
-    ltp_rho: float = 0.2
     calibration: Any = None            # a Calibration, a path to a saved one, or None (weights-only ranking)
     min_tokens: int | None = None      # prompts shorter than this run dense; default: 1024
     debug_dir: str | None = None
     record_selection: bool = False
-    # Beyond the core fields: how tokens are chosen (baselines for the benchmark), the dense clean-up,
-    # and verification by execution.
+    # Beyond the core fields: how tokens are chosen (a name in `spts_compile.selectors`), the dense
+    # clean-up, and verification by execution.
     selector: str = "probe"
     seed: int = 0
     causal_cleanup: bool = True
@@ -130,21 +139,26 @@ class SPTSConfig:
             raise ValueError(f"spts: prune has {len(self.prune)} entries but stage_ends has "
                              f"{len(self.stage_ends)}; give one per stage (or a single value)")
         _check_int("probe_queries", self.probe_queries, lo=1)
+        _check_int("pool", self.pool, lo=1)
+        if self.pool % 2 == 0:
+            raise ValueError(f"spts: pool must be an odd kernel size (1 = no smoothing), got {self.pool}")
+        _check_choice("pool_kind", self.pool_kind, POOL_KINDS)
+        _check_int("sink", self.sink, lo=0)
+        _check_int("window", self.window, lo=0)
+        _check_choice("heads", self.heads, HEAD_AGGREGATIONS)
+        _check_choice("kv_cache", self.kv_cache, KV_CACHE_POLICIES)
         if self.ltp_channels is not None:
             _check_int("ltp_channels", self.ltp_channels, lo=1)
         if self.ltp_rank is not None:
             _check_int("ltp_rank", self.ltp_rank, lo=1)
-        if isinstance(self.ltp_rho, bool) or not isinstance(self.ltp_rho, (int, float)) or not 0 < self.ltp_rho <= 1:
-            raise ValueError(f"spts: ltp_rho must be a float in (0, 1], got {self.ltp_rho!r}")
         if self.min_tokens is not None:
             _check_int("min_tokens", self.min_tokens, lo=1)
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(f"spts: debug_dir must be a path, got {self.debug_dir!r}")
-        if self.selector not in SELECTORS:
-            raise ValueError(f"spts: selector must be one of {list(SELECTORS)}, got {self.selector!r}")
+        from .selectors import get as get_selector  # the registry imports the runtime, which imports this module
+        get_selector(self.selector)
         _check_int("seed", self.seed, lo=0)
-        if self.compiler not in COMPILERS:
-            raise ValueError(f"spts: compiler must be one of {list(COMPILERS)}, got {self.compiler!r}")
+        _check_choice("compiler", self.compiler, COMPILERS)
 
     # -- resolution against a model ----------------------------------------------------------
     def resolve(self, depth: int) -> "Schedule":
@@ -167,6 +181,8 @@ class SPTSConfig:
         return Schedule(
             depth=depth, start_layer=start, stage_ends=ends, budgets=budgets, prune=prune,
             pap=self.pap, ltp=self.ltp, msdp=self.msdp, probe_queries=self.probe_queries,
+            pool=self.pool, pool_kind=self.pool_kind, sink=self.sink, window=self.window, heads=self.heads,
+            kv_cache=self.kv_cache,
             ltp_channels=self.ltp_channels if self.ltp_channels is not None else preset.get("ltp_channels"),
             ltp_rank=self.ltp_rank if self.ltp_rank is not None else preset.get("ltp_rank"),
             min_tokens=self.min_tokens if self.min_tokens is not None else 1024,
@@ -191,7 +207,17 @@ class Schedule:
     ltp_rank: int | None
     min_tokens: int
     preset: str
-    extra: dict = field(default_factory=dict)
+    pool: int = 1
+    pool_kind: str = "avg"
+    sink: int = 0
+    window: int = 0
+    heads: str = "mean"
+    kv_cache: str = "active"
+
+    @property
+    def forces(self) -> bool:
+        """Some tokens besides the last are always active."""
+        return self.sink > 0 or self.window > 0
 
     def stage_of(self, layer: int) -> int | None:
         """Index of the stage a layer belongs to; None for dense layers before start_layer."""
@@ -242,6 +268,11 @@ def _per_stage(value, stages: int, name: str) -> list[Budget]:
 def _check_int(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"spts: {name} must be an int >= {lo}, got {value!r}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"spts: {name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_layer_index(name: str, value, allow_fraction: bool) -> None:

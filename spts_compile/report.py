@@ -75,7 +75,7 @@ def summary(record) -> dict:
            "verify_seconds": round(record.verify_seconds, 3),
            "proxy_seconds": round(record.proxy_seconds, 3), "inductor_seconds": round(record.inductor_seconds, 3),
            "compile_seconds": round(record.compile_seconds, 3),
-           "ltp_mode": record.ltp_mode, "selector": getattr(record.plan, "selector", None),
+           "ltp_mode": record.ltp_mode, "selector": record.plan.selector.name if record.plan is not None else None,
            "causal_cleanup_layers": record.cleanup_layers,
            "rewritten_layers": record.rewritten_layers, "layers": layer_rows(record), "plan": plan_rows(record)}
     if record.schedule is not None:

@@ -75,20 +75,23 @@ def locate_in_candidates(cand: torch.Tensor, position: torch.Tensor) -> torch.Te
 # ---------------------------------------------------------------------------------------------
 # The block's own math, on any subset of rows
 # ---------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps, unit_offset: bool) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps, kind: str) -> torch.Tensor:
+    """`kind` is the family table's norm kind (`spts_compile.families.NORM_KINDS`)."""
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if unit_offset:  # Gemma: (1 + w), applied in float32
+    if kind == "rms_offset":  # Gemma: (1 + w), applied in float32
         return (xf * (1.0 + weight.to(torch.float32))).to(x.dtype)
-    return weight * xf.to(x.dtype)
+    if kind == "rms":
+        return weight * xf.to(x.dtype)
+    raise ValueError(f"spts: unknown norm kind {kind!r}")
 
 
 def norm_apply(x: torch.Tensor, norm) -> torch.Tensor:
-    """`norm` is (weight, eps, unit_offset) or None."""
+    """`norm` is (weight, eps, kind) or None."""
     if norm is None:
         return x
-    weight, eps, unit_offset = norm
-    return rms_norm(x, weight, eps, unit_offset)
+    weight, eps, kind = norm
+    return rms_norm(x, weight, eps, kind)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,9 +131,10 @@ def _bias_from_mask(m: torch.Tensor, dtype) -> torch.Tensor:
 # PAP: probe, select, attend on active rows
 # ---------------------------------------------------------------------------------------------
 def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_norm,
-                    head_dim: int, scale, probe_queries: int):
+                    head_dim: int, scale, probe_queries: int, heads: str = "mean"):
     """Post-RoPE K for every candidate and the PAP score S_mha [B, C] of each candidate: the softmax
-    weight the last real token's query (or the last `probe_queries` ones) gives it, averaged over heads."""
+    weight the last real token's query (or the last `probe_queries` ones) gives it, aggregated over heads
+    as `head_scores` says."""
     b, c = xn.shape[0], xn.shape[1]
     k = project_heads(xn, wk, bk, head_dim, k_norm)
     k = apply_rope(k, gather_rows(cos, cand), gather_rows(sin, cand))
@@ -150,8 +154,60 @@ def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_
     else:  # plain causal: candidate j is visible to probe row i iff j <= i (candidates are sorted)
         visible = torch.arange(c, device=xn.device).view(1, 1, 1, 1, c) <= probe_idx.view(b, 1, 1, -1, 1)
         logits = logits.masked_fill(~visible, float("-inf"))
-    scores = torch.softmax(logits, dim=-1).mean(dim=(1, 2, 3))                     # [B, C]
-    return k, scores
+    return k, head_scores(torch.softmax(logits, dim=-1), heads)
+
+
+def head_scores(probs: torch.Tensor, heads: str) -> torch.Tensor:
+    """[B, C] from the probe's softmax weights [B, Hkv, Hq/Hkv, P, C]. "mean": over heads and probe rows (the
+    paper). "max": the mean over probe rows, then the largest over query heads. "kv_union": each KV group (its
+    query heads and probe rows averaged) ranks the candidates; a candidate's score is C minus its best rank in
+    any group, plus its mean score (< 1) to order equal ranks: top-M then takes each group's first choices in
+    turn, the union of per-KV-head top lists."""
+    if heads == "mean":
+        return probs.mean(dim=(1, 2, 3))
+    if heads == "max":
+        return probs.mean(dim=3).amax(dim=(1, 2))
+    if heads == "kv_union":
+        group = probs.mean(dim=(2, 3))                                                # [B, G, C]
+        c = group.shape[-1]
+        # rank 0 = the group's highest score; among equal scores the later candidate ranks first
+        order = torch.sort(group.flip(-1), dim=-1, descending=True, stable=True).indices
+        order = c - 1 - order
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(c, device=probs.device).expand_as(order))
+        best = ranks.amin(dim=1)                                                      # [B, C]
+        return (c - best).to(torch.float32) + probs.mean(dim=(1, 2, 3))
+    raise ValueError(f"spts: unknown head aggregation {heads!r}")
+
+
+def smooth_scores(scores: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
+    """Pool [B, C] scores along the candidate order with an odd `kernel` ("avg": the mean of the neighbours
+    inside the row, "max": their largest), so that a span of neighbouring tokens is kept together."""
+    if kernel <= 1:
+        return scores
+    x = scores.unsqueeze(1)
+    if kind == "avg":
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    elif kind == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"spts: unknown pooling {kind!r}")
+    return y.squeeze(1)
+
+
+def forced_positions(n_ref: torch.Tensor, padding_mask, sink: int, window: int) -> torch.Tensor:
+    """[B, N] True at each row's first `sink` and last `window` real tokens (always active)."""
+    if padding_mask is None:
+        real = torch.ones_like(n_ref, dtype=torch.bool)
+    else:
+        real = padding_mask.bool()
+    rank = real.long().cumsum(dim=1) - 1                               # index among the row's real tokens
+    count = real.long().sum(dim=1, keepdim=True)
+    return real & ((rank < sink) | (rank >= count - window))
+
+
+def force_rows(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Forced candidates ([B, C] bool) score +inf: they win every top-M and no prune takes them."""
+    return scores.masked_fill(forced, float("inf"))
 
 
 def top_rows(scores, last_c, m):
@@ -174,13 +230,14 @@ def select_active(scores, last_c, budget, n_ref):
 
 
 def attend_active(xa, act, cand, k_all, cos, sin, mask, wq, bq, wv, bv, wo, bo, q_norm, post_norm,
-                  head_dim: int, scale):
-    """The attention block on the active rows only. Returns (delta [B, M, D], K_act, V_act)."""
+                  head_dim: int, scale, v_all=None):
+    """The attention block on the active rows only. Returns (delta [B, M, D], K_act, V_act). With `v_all`
+    (every candidate's V, for a cache that keeps them all) the active rows' V are read from it."""
     pos = cand.gather(1, act)
     q = project_heads(xa, wq, bq, head_dim, q_norm)
     q = apply_rope(q, gather_rows(cos, pos), gather_rows(sin, pos))
     k = gather_rows(k_all, act, dim=2)
-    v = project_heads(xa, wv, bv, head_dim, None)
+    v = project_heads(xa, wv, bv, head_dim, None) if v_all is None else gather_rows(v_all, act, dim=2)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -243,17 +300,3 @@ def prune_keep(scores, last_c, prune, n_ref, real):
     c = scores.shape[1]
     p = torch.sym_min(budget_tokens(prune, n_ref.shape[-1]), c - 1)
     return top_rows(scores, last_c, c - p)
-
-
-# ---------------------------------------------------------------------------------------------
-# Baseline selectors (benchmarks only): the same budgets, simpler rules
-# ---------------------------------------------------------------------------------------------
-def baseline_scores(kind: str, x_c, cand, layer: int, seed: int):
-    if kind == "recent":
-        return cand.to(torch.float32)
-    if kind == "norm":
-        return x_c.to(torch.float32).norm(dim=-1)
-    if kind == "random":  # a fixed hash of (position, layer): deterministic and graph-friendly
-        h = torch.sin(cand.to(torch.float64) * 12.9898 + (layer * 78.233 + seed * 3.7)) * 43758.5453
-        return (h - torch.floor(h)).to(torch.float32)
-    raise ValueError(f"spts: unknown selector {kind!r}")

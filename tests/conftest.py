@@ -16,6 +16,6 @@ torch._dynamo.config.cache_size_limit = 64
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
     """Each test sees the backend's one-time warnings afresh."""
-    import spts_compile.backend as backend
-    backend._warned.clear()
+    import spts_compile
+    spts_compile.reset_warnings()
     yield

@@ -183,6 +183,33 @@ def select_top(scores: Tensor, m: int, always: int) -> Tensor:
     return (c - 1 - order[:m]).sort().values
 
 
+def aggregate_heads(probs: Tensor, kv_heads: int, heads: str) -> Tensor:
+    """S [C] from softmax weights [Hq, P, C]. mean: over heads and probe rows. max: the largest query head's
+    mean over probe rows. kv_union: each KV group ranks the candidates by its mean (ties: later first); the
+    score is C minus the best rank in any group, plus the overall mean (< 1) to order equal ranks."""
+    if heads == "mean":
+        return probs.mean(dim=(0, 1))
+    if heads == "max":
+        return probs.mean(dim=1).max(dim=0).values
+    c = probs.shape[-1]
+    groups = probs.reshape(kv_heads, -1, *probs.shape[1:]).mean(dim=(1, 2))      # [Hkv, C]
+    best = [c] * c
+    for g in groups.tolist():
+        for rank, j in enumerate(sorted(range(c), key=lambda j: (-g[j], -j))):
+            best[j] = min(best[j], rank)
+    return torch.tensor([float(c - r) for r in best]) + probs.mean(dim=(0, 1))
+
+
+def smooth(scores: Tensor, kernel: int, kind: str) -> Tensor:
+    """Each candidate's score becomes the mean (avg) or largest (max) score of the candidates within
+    kernel // 2 of it in candidate order, the row's ends cutting the neighbourhood short."""
+    if kernel <= 1:
+        return scores
+    h, c = kernel // 2, scores.shape[0]
+    pick = torch.mean if kind == "avg" else torch.amax
+    return torch.stack([pick(scores[max(0, j - h):min(c, j + h + 1)]) for j in range(c)])
+
+
 def last_positions(attention_mask: Tensor | None, batch: int, n: int) -> list[int]:
     if attention_mask is None:
         return [n - 1] * batch
@@ -199,13 +226,15 @@ def last_positions(attention_mask: Tensor | None, batch: int, n: int) -> list[in
 @torch.no_grad()
 def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, schedule: Schedule,
                       proxies: dict[int, tuple] | None = None, output_hidden_states: bool = False,
-                      record_blocks: bool = False, selector: str = "probe") -> dict:
+                      record_blocks: bool = False, selector="probe", seed: int = 0) -> dict:
     """SPTS prefill of `input_ids` [B, N] exactly as SEMANTICS.md defines it.
 
     selector="once" is the prune-once mode instead: the first skipping layer's probe scores the
     candidates once; each skipping layer keeps the top M of its candidates by that score for good
     (no prune, no LTP) and runs densely on them. selector="stage" is the same, except that the first
-    layer of each later stage scores its remaining candidates again with its own probe.
+    layer of each later stage scores its remaining candidates again with its own probe. A callable selector
+    is a score function `score(x_c [1, C, D], cand [1, C], layer, seed) -> [1, C]` of the layer's input rows:
+    its scores replace S_mha for the attention's top-M, the FFN's top-M (no proxy) and the stage-end prune.
 
     Returns a dict:
       logits [B, N, V];
@@ -230,14 +259,15 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
     depth = len(layers)
     if schedule.depth != depth:
         raise ValueError(f"schedule is for {schedule.depth} layers, the model has {depth}")
-    if selector not in ("probe", "once", "stage"):
-        raise ValueError(f"the reference implements selectors 'probe', 'once' and 'stage', not {selector!r}")
+    if not callable(selector) and selector not in ("probe", "once", "stage"):
+        raise ValueError(f"the reference implements selectors 'probe', 'once', 'stage' and score functions, "
+                         f"not {selector!r}")
     if schedule.ltp and proxies is None and selector == "probe":
         width = mlp_weights(layers[0].mlp)[0].shape[0]
         channels = schedule.ltp_channels or max(1, width // 6)
         proxies = build_proxies(model, channels, schedule.ltp_rank or max(1, channels // 4))
 
-    rows = [_prefill_row(model, input_ids[b], attention_mask[b], last, schedule, proxies, record_blocks, selector)
+    rows = [_prefill_row(model, input_ids[b], attention_mask[b], last, schedule, proxies, record_blocks, selector, seed)
             for b, last in enumerate(last_positions(attention_mask, b_size, n))]
 
     def stack(get):
@@ -267,7 +297,7 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
 
 
 def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedule, proxies,
-                 record_blocks: bool = False, selector: str = "probe") -> dict:
+                 record_blocks: bool = False, selector="probe", seed: int = 0) -> dict:
     """One batch row through every layer. Returns per-layer full-length hidden states, KV and selections."""
     config = model.config
     n = ids.shape[0]
@@ -288,8 +318,23 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         rows = torch.tensor([max(last_c - pq + 1 + i, 0) for i in range(pq)])
         rows = rows[real[cand[rows]]] if real[cand[rows]].any() else rows
         qp = _rope(_project_q(attn, xn[rows]), cos_all[cand[rows]], sin_all[cand[rows]])
-        probs = _attention_probs(qp, k_all, allowed(cand[rows], cand, real, window), attn.scaling)
-        return probs.float().mean(dim=(0, 1))
+        probs = _attention_probs(qp, k_all, allowed(cand[rows], cand, real, window), attn.scaling).float()
+        return aggregate_heads(probs, k_all.shape[0], schedule.heads)
+
+    real_pos = torch.nonzero(real).flatten().tolist()
+    forced_pos = set(real_pos[:schedule.sink]) | (set(real_pos[-schedule.window:]) if schedule.window else set())
+
+    def retrieval(scores):
+        """(smoothed scores, the same with the sink and window tokens at +inf)."""
+        smoothed = smooth(scores, schedule.pool, schedule.pool_kind)
+        return smoothed, force(smoothed)
+
+    def force(scores):
+        out = scores.clone()
+        for j, p in enumerate(cand.tolist()):
+            if p in forced_pos:
+                out[j] = float("inf")
+        return out
 
     for l, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -307,7 +352,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
             if once_scores is None or (selector == "stage" and new_stage):
                 xn0 = attn_norm(x_c)
                 k0 = _rope(_project_kv(attn, xn0)[0], cos_all[cand], sin_all[cand])
-                once_scores = probe(attn, xn0, k0, cos_all, sin_all, last_c, window)
+                once_scores = retrieval(probe(attn, xn0, k0, cos_all, sin_all, last_c, window))[1]
             keep = select_top(once_scores, m, last_c)
             cand, x_c, once_scores = cand[keep], x_c[keep], once_scores[keep]
             c = m
@@ -318,7 +363,13 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         k_pre, v_all = _project_kv(attn, xn)
         k_all = _rope(k_pre, cos_all[cand], sin_all[cand])        # [Hkv, C, hd]
         s_mha = probe(attn, xn, k_all, cos_all, sin_all, last_c, window) if skipping and not once else None
-        act = select_top(s_mha, m, last_c) if skipping and schedule.pap and not once else torch.arange(c)
+        if skipping and callable(selector):   # a score function replaces the probe's scores
+            s_sel = selector(x_c[None], cand[None], l, seed)[0].float()
+        else:
+            s_sel = s_mha
+        if skipping and not once:
+            s_sel, s_chosen = retrieval(s_sel)
+        act = select_top(s_chosen, m, last_c) if skipping and schedule.pap and not once else torch.arange(c)
         pos_a = cand[act]
         q = _rope(_project_q(attn, xn[act]), cos_all[pos_a], sin_all[pos_a])
         k_act, v_act = k_all[:, act], v_all[:, act]
@@ -327,15 +378,20 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
             o = post_attn_norm(o)
         h_c = x_c.clone()
         h_c[act] = x_c[act] + o
-        kvs.append((k_act, v_act))
+        keep_all = skipping and not once and schedule.pap and schedule.kv_cache == "candidates"
+        kvs.append((k_all, v_all) if keep_all else (k_act, v_act))
 
         # -- FFN (LTP) --
         hn = ffn_norm(h_c)
         s_ffn = None
-        if skipping and schedule.ltp and not once:
+        if skipping and schedule.ltp and not once and callable(selector):
+            s_ffn = force(s_sel)                                    # the same scores, padding included
+            act_f = select_top(s_ffn, m, last_c)
+        elif skipping and schedule.ltp and not once:
             cn = proxy_norm(hn, proxies[l], act_name)
-            s_ffn = cn * s_mha if schedule.pap else cn
+            s_ffn = cn * s_sel if schedule.pap else cn
             s_ffn = s_ffn.masked_fill(~real[cand], float("-inf"))   # padding never competes for the FFN
+            s_ffn = force(s_ffn)
             act_f = select_top(s_ffn, m, last_c)
         else:
             act_f = torch.arange(c)
@@ -347,6 +403,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         latest[cand] = y_c
 
         rec = {"cand": cand.clone(), "attn": pos_a.clone(), "ffn": cand[act_f].clone(),
+               "kv_pos": (cand if keep_all else pos_a).clone(),
                "s_mha": s_mha, "s_ffn": None if s_ffn is None else s_ffn.float()}
         if record_blocks:
             rec.update(x=x_c.clone(), h=h_c.clone(), y=y_c.clone())
@@ -354,7 +411,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         # -- stage end (MSDP): prune for good --
         if skipping and schedule.is_stage_end(l) and not once:
             p = min(budget_tokens(schedule.prune[stage], n), c - 1)
-            keep = select_top(s_mha.masked_fill(~real[cand], float("inf")), c - p, last_c)  # prune real tokens only
+            keep = select_top(s_chosen.masked_fill(~real[cand], float("inf")), c - p, last_c)  # prune real tokens only
             gone = torch.ones(c, dtype=torch.bool)
             gone[keep] = False
             rec["pruned"] = cand[gone].clone()
@@ -391,7 +448,7 @@ def reference_decode(model, ref_out: dict, next_ids: Tensor | int | None = None,
         tok = int(ref_out["logits"][0, -1].argmax())
     else:
         tok = int(torch.as_tensor(next_ids).flatten()[0])
-    caches = [[k[0], v[0], rec["attn"][0]] for (k, v), rec in zip(ref_out["kv"], ref_out["kept"])]
+    caches = [[k[0], v[0], rec["kv_pos"][0]] for (k, v), rec in zip(ref_out["kv"], ref_out["kept"])]
     out = [tok]
     cap = getattr(config, "final_logit_softcapping", None)
     for t in range(steps - 1):

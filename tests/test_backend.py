@@ -83,7 +83,7 @@ def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(ValueError) as info:
         spts_compile.SPTSConfig.from_options({"budgetz": 3})
     for name in ("start_layer", "stage_ends", "budgets", "prune", "pap", "ltp", "msdp", "probe_queries",
-                 "ltp_channels", "ltp_rank", "ltp_rho", "calibration", "min_tokens", "debug_dir",
+                 "ltp_channels", "ltp_rank", "calibration", "min_tokens", "debug_dir",
                  "record_selection"):
         assert name in str(info.value)
 
@@ -338,7 +338,9 @@ FLOP_MODEL = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4
     {},                                         # SPTS (probe, LTP proxy, prune)
     dict(selector="once"),
     dict(selector="stage"),
-], ids=["dense", "probe", "once", "stage"])
+    dict(selector="toy_mod3"),                  # registered from tests/toy_selector.py
+    dict(pool=3, sink=2, window=4, heads="kv_union", kv_cache="candidates"),   # V of every candidate
+], ids=["dense", "probe", "once", "stage", "toy", "guard"])
 def test_planned_flops_match_the_matmuls_executed(opts):
     """The rewritten graph (compiler="eager") runs under torch's FlopCounterMode, which counts every matmul
     but not the SDPA core on CPU; the plan's FLOPs for the decoder layers must match that count plus the
@@ -347,6 +349,7 @@ def test_planned_flops_match_the_matmuls_executed(opts):
     shows. The executed count comes from the model, not the plan: lm_head is subtracted from it."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from tests import toy_selector  # noqa: F401  (registers "toy_mod3")
     model = make_model("llama", layers=4, **FLOP_MODEL)
     cfg = model.config
     n = 64

@@ -39,6 +39,10 @@ CONFIGS = {
     "nomsdp": dict(FULL, msdp=False),                                  # PAP + LTP, no stages / pruning
     "once": dict(FULL, selector="once"),                               # prune-once mode
     "stage": dict(FULL, selector="stage"),                             # keep-set, re-probed per stage
+    # retrieval protection (SEMANTICS.md): smoothing, forced sink/window tokens, head aggregation, KV policy
+    "guard": dict(FULL, pool=3, pool_kind="max", sink=2, window=4, heads="kv_union", kv_cache="candidates"),
+    "guard_avg": dict(FULL, pool=5, pool_kind="avg", sink=1, window=3, heads="max"),
+    "once_guard": dict(FULL, selector="once", pool=3, sink=2, window=4, heads="kv_union"),
 }
 
 
@@ -209,6 +213,10 @@ REF_CASES = [
     Case("llama", "sdpa", "once", "pad", 40),
     Case("qwen2", "sdpa", "once", "cache", 40),
     Case("llama", "sdpa", "stage", "cache", 40),
+    Case("llama", "sdpa", "guard", "pad", 40),
+    Case("qwen2", "sdpa", "guard", "cache", 40),
+    Case("qwen2", "eager", "guard_avg", "pad", 40),
+    Case("llama", "sdpa", "once_guard", "cache", 40),
 ]
 CACHE_CASES = [c for c in REF_CASES if c.kind == "cache"]
 IDS = [c.id for c in REF_CASES]
@@ -242,6 +250,19 @@ def test_kept_positions_match_reference(h, case):
                 m = max(1, min(budget_tokens(sched.budgets[sched.stage_of(layer) if sched.msdp else 0], case.n),
                                r.ref["kept"][layer]["cand"].shape[1]))
                 assert active.shape[1] == m
+
+
+def test_sink_and_window_tokens_are_active_in_every_skipping_layer(h):
+    """With sink=2, window=4: each row's first two and last four real tokens are in every attention and FFN
+    active set (they count against the budget), and no stage end prunes them."""
+    r = h.run(Case("llama", "sdpa", "guard", "pad", 40))
+    for block in ("attn", "ffn"):
+        for layer, active in records(r, block).items():
+            for b in range(2):
+                real = r.am[b].nonzero().flatten().tolist()
+                forced = set(real[:2]) | set(real[-4:])
+                assert forced <= set(active[b].tolist()), (block, layer, b)
+                assert active.shape[1] == max(1, min(FULL["budgets"][min(layer - 1, 1)], 40))
 
 
 @pytest.mark.parametrize("case", CACHE_CASES, ids=[c.id for c in CACHE_CASES])

@@ -17,11 +17,11 @@ import spts_compile
 from reference import build_proxies, reference_prefill
 from spts_compile.config import SPTSConfig
 from spts_compile.passes.plan import ltp_dims
-from tiny_models import make_inputs, make_model
+from tiny_models import SLIDING, family_names, make_inputs, make_model
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "phi3"]
+FAMILIES = family_names()
 # Sliding-window caches cannot be compacted: with use_cache those prefills run dense, by design.
-DENSE_WITH_CACHE = {"mistral", "gemma3"}
+DENSE_WITH_CACHE = set(SLIDING)
 OPTS = dict(start_layer=1, stage_ends=[1], budgets=[10], prune=3, min_tokens=1)
 RESULTS: dict[str, dict] = {}
 

@@ -5,12 +5,15 @@ bit-identical weights. The weights are re-initialised more boldly than HF's 0.02
 weights and biases are made non-trivial) so that attention patterns are sharp enough for token
 selection to be meaningful, and so that a reference that forgets a norm weight or a bias fails.
 
-Add a family by adding one row to FAMILIES: (config class, model class, config kwargs).
+The family list is the backend's own table (`spts_compile.families`); this file gives each family a tiny
+config: (config class, model class, config kwargs). Every test takes its families from `family_names()`.
 """
 from __future__ import annotations
 
 import torch
 import transformers
+
+from spts_compile import families
 
 # Shared shape of every tiny model: hidden 64, 4 query heads, 2 KV heads (GQA), head_dim 16.
 BASE = dict(
@@ -45,6 +48,11 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     # Phi3: fused qkv_proj and gate_up_proj.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_act="silu")),
 }
+
+assert list(FAMILIES) == families.names(), "tiny_models.FAMILIES must give a tiny config to each family of the table"
+
+# Families whose tiny config attends in a sliding window (their KV caches cannot be compacted).
+SLIDING = [f for f, (_, _, extra) in FAMILIES.items() if "sliding_window" in extra]
 
 INIT_STD = 0.1  # weight std of every linear layer and the embedding
 
@@ -126,4 +134,18 @@ def family_names() -> list[str]:
     return list(FAMILIES)
 
 
-__all__ = ["FAMILIES", "make_config", "make_model", "make_inputs", "family_names"]
+__all__ = ["FAMILIES", "SLIDING", "make_config", "make_model", "make_inputs", "family_names", "capture_graph"]
+
+
+def capture_graph(fn, *args, **kwargs):
+    """Dynamo's torch-level graph of fn(*args, **kwargs) and its example inputs (the real tensors), as a
+    backend receives them; the last graph when Dynamo splits the call. No code is generated."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, dynamic=False)(*args, **kwargs)
+    return graphs[-1]
