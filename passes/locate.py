@@ -123,6 +123,7 @@ class GraphAnalysis:
     seq_source: int | None = None      # index of the placeholder whose dim 1 is N (for run-time dispatch)
     padding_mask: Node | None = None   # the user's 2D attention mask, if any
     dtype: torch.dtype | None = None
+    computes_loss: bool = False        # the graph computes a loss (labels= was passed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def _match_attention(gm, regions, family: Family) -> tuple[AttentionSpec, str]:
                         f"{family.name} family has {'them' if family.qk_norm else 'none'}")
     kind, core, scale, mask = _attention_core(region)
     cos, sin = _rope_inputs(region, set(_param_like(region)) | {xn, mask})
-    cache, k_out, v_out = _cache_outputs(gm, region, _node_of(lins["k_proj"]), _node_of(lins["v_proj"]))
+    cache, k_out, v_out = _cache_outputs(gm, region, _node_of(lins["k_proj"]), _node_of(lins["v_proj"]), core)
     o_node = lins["o_proj"]
     post_norm = _norm_fed_by(regions, children, o_node, family)
     attn_out = _through_identity(post_norm.out if post_norm else o_node)
@@ -439,9 +440,12 @@ def _rope_inputs(region: list[Node], exclude: set) -> tuple[Node, Node]:
     return cos, sin
 
 
-def _cache_outputs(gm, region, k_lin: Node, v_lin: Node):
+def _cache_outputs(gm, region, k_lin: Node, v_lin: Node, core: Node):
     inside = set(region)
     outs = [n for n in output_nodes(gm) if n in inside]
+    if any(n is core or core in ancestors(n) for n in outs):
+        raise Unmatched("the graph returns this layer's attention weights (output_attentions=True), over every "
+                        "token: a skipping layer does not compute them")
     cats = [n for n in region if is_call(n, {torch.cat})]
     filled = any(a.op == "placeholder" for c in cats for a in c.all_input_nodes)
     k_out = v_out = None
@@ -538,7 +542,11 @@ def _check_chain(layers: list[LayerSpec]) -> None:
             cur.reason = "its input is not the previous layer's output"
 
 
+_LOSSES = {F.cross_entropy, F.nll_loss, torch._C._nn.cross_entropy_loss, torch._C._nn.nll_loss}
+
+
 def _classify(gm: GraphModule, result: GraphAnalysis) -> None:
+    result.computes_loss = any(n.op == "call_function" and n.target in _LOSSES for n in gm.graph.nodes)
     caches = {l.cache for l in result.layers if l.reason is None}
     if "filled" in caches:
         result.kind = "cached"

@@ -174,7 +174,7 @@ class LayerCost:
 
     def probe_scores(self, c):
         """The probe without the K projection (when the attention computes K anyway)."""
-        p = self.schedule.probe_queries
+        p = sympy.Min(self.schedule.probe_queries, c)   # the runtime never probes with more rows than candidates
         return 2 * p * self.d * self.q_w + 2 * p * c * self.q_w
 
     def last_query(self, m):

@@ -18,13 +18,14 @@ from torch._inductor.compile_fx import compile_fx
 
 from . import proxies as ltp_proxies
 from . import report as reporting
-from .config import SPTSConfig
+from .config import OptionError, SPTSConfig
 from .passes import cleanup, locate, plan as planning, rewrite as rewriting, verify as verifying
-from .runner import (PADDED_CACHE_MESSAGE, CompileRecord, PaddedCacheError, Runner, is_padded_batch, last_plan,
-                     recorded_selection)
+from .runner import (LOSS_MESSAGE, PADDED_CACHE_MESSAGE, CompileRecord, LossError, PaddedCacheError, Runner,
+                     is_padded_batch, last_plan, recorded_selection)
 from .selectors import get as get_selector
 
-__all__ = ["spts_backend", "last_plan", "recorded_selection", "reset_warnings", "PaddedCacheError", "CompileRecord"]
+__all__ = ["spts_backend", "last_plan", "recorded_selection", "reset_warnings", "PaddedCacheError", "LossError",
+           "OptionError", "CompileRecord"]
 
 log = logging.getLogger("spts_compile")
 
@@ -54,8 +55,8 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
     work = _clone(gm)  # Dynamo reads its own graph after we return: never edit it in place
     try:
         runner = _compile(work, example_inputs, cfg, record, original=gm)
-    except (PaddedCacheError, torch._dynamo.exc.TorchDynamoException):
-        raise  # refusals, and Dynamo's own control flow (e.g. restart analysis), are not ours to swallow
+    except (OptionError, PaddedCacheError, LossError, torch._dynamo.exc.TorchDynamoException):
+        raise  # the user's mistakes, refusals, and Dynamo's own control flow are not ours to swallow
     except Exception as e:  # never crash the user's model on an analysis problem: fall back to dense
         _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
         log.debug("spts: analysis failure", exc_info=True)
@@ -86,7 +87,8 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     plan = record.plan = planning.make_plan(analysis, schedule, first_skip, selector)
     compacts_cache = first_skip is not None and selector.compacts_cache(schedule) and \
         any(l.attn.k_out is not None for l in analysis.layers if l.matched)
-    _check_batch(gm, example_inputs, analysis, schedule, first_skip, compacts_cache)
+    _check_call(gm, example_inputs, analysis, schedule, first_skip, compacts_cache)
+    _note_no_savings(plan, analysis, first_skip)
     params = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
     proxies, watched = {}, []
     if first_skip is not None and schedule.ltp and selector.uses_proxy:
@@ -141,14 +143,27 @@ def _first_skip(analysis, schedule, gate) -> int | None:
     return first
 
 
-def _check_batch(gm, example_inputs, analysis, schedule, first_skip, compacts_cache) -> None:
-    """Refusals and warnings that depend on the batch: a padded batch cannot keep a compacted cache."""
+def _check_call(gm, example_inputs, analysis, schedule, first_skip, compacts_cache) -> None:
+    """Refusals and warnings that depend on the call: a loss over skipped positions, a padded batch that would
+    keep a compacted cache."""
+    if first_skip is not None and analysis.computes_loss:
+        raise LossError(LOSS_MESSAGE)
     padded = is_padded_batch(_input_of(gm, example_inputs, analysis.padding_mask))
     if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
         _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
                    "row's selection depends on the batch's padding; give int budgets for row-independent results")
     if compacts_cache and padded:
         raise PaddedCacheError(PADDED_CACHE_MESSAGE)
+
+
+def _note_no_savings(plan, analysis, first_skip) -> None:
+    n = analysis.seq_len
+    if first_skip is None or not isinstance(n, int):
+        return
+    dense, planned = (plan.at(e, n) for e in plan.totals())
+    if planned >= dense:
+        log.info("spts: every budget is at least the prompt's %d tokens: this prefill saves no work (planned FLOPs "
+                 "%.3f of dense); smaller budgets or a longer prompt would", n, planned / dense)
 
 
 def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm, compacts_cache):

@@ -291,8 +291,16 @@ class Calibration:
             raise ValueError(f"spts: calibration has FFN layers 0..{self.num_layers - 1}, no layer {layer}")
         return self.importance[layer]
 
-    def check_fits(self, num_layers: int, hidden_size: int, intermediate_sizes: Sequence[int]) -> None:
-        """Raise ValueError naming what differs between this calibration and a model's FFNs."""
+    def check_fits(self, num_layers: int, hidden_size: int, intermediate_sizes: Sequence[int],
+                   family: str | None = None) -> None:
+        """Raise ValueError naming what differs between this calibration and a model's FFNs (and its family,
+        when both are known to the family table)."""
+        bad = [i for i, t in enumerate(self.importance) if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"spts: the calibration's importance has NaN or infinite values in FFN layer(s) {bad}")
+        mine = families.for_model_type(self.model_type)
+        if family is not None and mine is not None and family != "generic" and mine.name != family:
+            raise ValueError(f"spts: the calibration was made for a {self.model_type!r} model, not a {family} one")
         if num_layers != self.num_layers or len(intermediate_sizes) != self.num_layers:
             raise ValueError(f"spts: the calibration covers {self.num_layers} FFN layers but the model has "
                              f"{num_layers} (with {len(intermediate_sizes)} FFN widths given); it was made "
@@ -333,9 +341,13 @@ class Calibration:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"spts: calibration file {path!r} does not exist")
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
         try:
-            # weights_only: a calibration file is data, and loading must never run pickled code.
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a calibration file is data, and loading must never run pickled code. A backend call
+            # runs inside Dynamo's tracing context, whose fake mode makes torch.load return data-less meta
+            # tensors: load outside it.
+            with torch._guards.tracing(None), unset_fake_temporarily():
+                payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # the zip/pickle layers raise many different types for a bad file
             raise ValueError(f"spts: {path!r} is not a readable calibration file "
                              f"({type(e).__name__}: {_first_line(e)})") from None

@@ -43,6 +43,10 @@ HEAD_AGGREGATIONS = ("mean", "max", "kv_union")
 KV_CACHE_POLICIES = ("active", "candidates")
 
 
+class OptionError(ValueError):
+    """A user's option that is wrong (for this model): raised to the user, never a fallback to dense."""
+
+
 @dataclass
 class SPTSConfig:
     """Options of the `spts` backend. See README "Options" for the meaning of each field."""
@@ -80,26 +84,32 @@ class SPTSConfig:
     # ("eager": no code generation; for quick budget sweeps and for debugging a rewrite).
     compiler: str = "inductor"
 
+    def __new__(cls, *args, **options):
+        # Unknown keywords are a ValueError naming them, as for the options= dict (not the dataclass's TypeError).
+        _check_known(cls, options)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         self._validate()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_options(cls, options: "SPTSConfig | dict | None") -> "SPTSConfig":
+        """The config of a backend call. A calibration given as a path is loaded here (a ValueError for a
+        missing or corrupt file), outside any fake-tensor mode the compile runs under."""
         if options is None:
             cfg = cls()
         elif isinstance(options, SPTSConfig):
             cfg = options
         elif isinstance(options, dict):
-            valid = [f.name for f in dataclasses.fields(cls)]
-            unknown = sorted(set(options) - set(valid))
-            if unknown:
-                raise ValueError(f"spts: unknown option(s) {unknown}; valid options are {valid}")
             cfg = cls(**options)
         else:
             raise ValueError(f"spts: options must be a dict or SPTSConfig, got {type(options).__name__}")
         if cfg.debug_dir is None and os.environ.get("SPTS_DEBUG_DIR"):
             cfg = dataclasses.replace(cfg, debug_dir=os.environ["SPTS_DEBUG_DIR"])
+        if isinstance(cfg.calibration, (str, os.PathLike)):
+            from .calibration import resolve_calibration
+            cfg = dataclasses.replace(cfg, calibration=resolve_calibration(cfg.calibration))
         return cfg
 
     @property
@@ -153,6 +163,10 @@ class SPTSConfig:
             _check_int("ltp_rank", self.ltp_rank, lo=1)
         if self.min_tokens is not None:
             _check_int("min_tokens", self.min_tokens, lo=1)
+        from .calibration import Calibration
+        if self.calibration is not None and not isinstance(self.calibration, (Calibration, str, os.PathLike)):
+            raise ValueError(f"spts: calibration must be a Calibration, a path to a saved one, or None; "
+                             f"got {type(self.calibration).__name__}")
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(f"spts: debug_dir must be a path, got {self.debug_dir!r}")
         from .selectors import get as get_selector  # the registry imports the runtime, which imports this module
@@ -169,13 +183,14 @@ class SPTSConfig:
             start = int(start * depth)
         ends = list(self.stage_ends) if self.stage_ends is not None else list(preset["stage_ends"])
         if start >= depth:
-            raise ValueError(f"spts: start_layer={start} is past the model's depth; valid range is 0..{depth - 1}")
+            raise OptionError(f"spts: start_layer={start} is past the model's depth; valid range is 0..{depth - 1}")
         for e in ends:
             if e >= depth:
-                raise ValueError(f"spts: stage_ends entry {e} is past the model's depth; valid range is "
-                                 f"{start}..{depth - 1}")
+                raise OptionError(f"spts: stage_ends entry {e} is past the model's depth; valid range is "
+                                  f"{start}..{depth - 1}")
         if ends[0] < start:
-            raise ValueError(f"spts: stage_ends[0]={ends[0]} must be >= start_layer={start}")
+            raise OptionError(f"spts: stage_ends[0]={ends[0]} must be >= start_layer={start} (the preset's for "
+                              f"{depth} layers where one of them was not given)")
         budgets = _per_stage(self.budgets if self.budgets is not None else preset["budgets"], len(ends), "budgets")
         prune = _per_stage(self.prune if self.prune is not None else preset["prune"], len(ends), "prune")
         return Schedule(
@@ -261,13 +276,20 @@ def budget_tokens(budget: Budget, n):
 def _per_stage(value, stages: int, name: str) -> list[Budget]:
     items = list(value) if isinstance(value, (list, tuple)) else [value] * stages
     if len(items) != stages:
-        raise ValueError(f"spts: {name} has {len(items)} entries for {stages} stages")
+        raise OptionError(f"spts: {name} has {len(items)} entries for {stages} stages")
     return items
 
 
 def _check_int(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"spts: {name} must be an int >= {lo}, got {value!r}")
+
+
+def _check_known(cls, options: dict) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"spts: unknown option(s) {unknown}; valid options are {valid}")
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Family:
-    name: str                        # Hugging Face `model_type`
+    name: str                        # Hugging Face `model_type` (and the name options and tests use)
     layer_class: str                 # the decoder layer's class name, as nn_module_stack records it
     norm: str | None = "rms"         # "rms": w * x / rms(x); "rms_offset": (1 + w) * x / rms(x) (Gemma); None: detect
     mlp: str = "gated"               # "gated": down(act(gate(x)) * up(x)); the only FFN the passes rewrite
@@ -26,6 +26,7 @@ class Family:
     sliding: str = "none"            # which layers attend in a sliding window: "none", "all", "interleaved"
     embed_scale: bool = False        # embeddings multiplied by sqrt(hidden) (outside the layers: not rewritten)
     qkv_bias: bool = False           # q/k/v projections carry biases
+    model_types: tuple[str, ...] = ()  # other `model_type`s of the family (Gemma 3's text-only model)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -34,7 +35,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", "MistralDecoderLayer", sliding="all"),
     Family("qwen3", "Qwen3DecoderLayer", qk_norm=True),
     Family("gemma3", "Gemma3DecoderLayer", norm="rms_offset", qk_norm=True, sandwich_norms=True,
-           sliding="interleaved", embed_scale=True),
+           sliding="interleaved", embed_scale=True, model_types=("gemma3_text",)),
     Family("phi3", "Phi3DecoderLayer", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"),
 )
 
@@ -64,6 +65,11 @@ def by_name(name: str) -> Family:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"spts: unknown family {name!r}; known: {names()}") from None
+
+
+def for_model_type(model_type: str | None) -> Family | None:
+    """The row of a Hugging Face `config.model_type`, or None."""
+    return next((f for f in FAMILIES if model_type == f.name or model_type in f.model_types), None)
 
 
 def for_layer_class(cls) -> Family:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from . import calibration as calib
+from .config import OptionError
 from .passes import locate
 from .passes.plan import ltp_dims
 
@@ -16,7 +19,11 @@ def build(analysis, plan, cfg, params: dict) -> tuple[dict[int, tuple], list["Pr
     calibration = calib.resolve_calibration(cfg.calibration)
     ffns = [l.ffn for l in analysis.layers]
     if calibration is not None:
-        calibration.check_fits(len(ffns), analysis.layers[0].attn.hidden, [f.intermediate for f in ffns])
+        try:
+            calibration.check_fits(len(ffns), analysis.layers[0].attn.hidden, [f.intermediate for f in ffns],
+                                   family=analysis.layers[0].family.name)
+        except ValueError as e:   # the user's calibration does not fit this model: theirs to fix, not a fallback
+            raise OptionError(str(e)) from None
     proxies, watched = {}, []
     for spec, lp in zip(analysis.layers, plan.layers):
         if lp.mode != "skip":
@@ -46,7 +53,12 @@ class ProxyWatch:
         self.versions = self._now()
 
     def _now(self) -> tuple:
-        return tuple(w._version for w in self.weights)
+        """Each weight's storage, version and a sampled checksum. The version misses writes through `.data`
+        (its own version counter), the storage misses in-place writes; the checksum over every 97th element
+        catches a weight that was overwritten wholesale, however it was written (about 1% of its elements)."""
+        with torch.no_grad():
+            return tuple((w.data_ptr(), w._version, float(w.detach().reshape(-1)[::97].double().sum()))
+                         for w in self.weights)
 
     def build(self):
         return calib.build_ltp_proxy(*self.weights, channels=self.channels, rank=self.rank, importance=self.importance)

@@ -49,6 +49,17 @@ class PaddedCacheError(ValueError):
     """A padded batch asked for a compacted KV cache: refused, with how to run it instead."""
 
 
+class LossError(ValueError):
+    """A prefill that skips was asked for a loss (labels=): refused, with how to compute it instead."""
+
+
+LOSS_MESSAGE = (
+    "spts: labels= was passed with token skipping on: the loss would include the skipped and pruned positions, "
+    "whose logits come from stale hidden states. The backend skips for generation, not for training or "
+    "perplexity: compute the loss without labels on a dense model, or compile with "
+    "options={'pap': False, 'ltp': False, 'msdp': False}.")
+
+
 def is_padded_batch(padding_mask) -> bool:
     """Batch > 1 with padding somewhere in the 2D attention mask."""
     return padding_mask is not None and padding_mask.shape[0] > 1 and not bool(padding_mask.bool().all())

@@ -138,6 +138,7 @@ def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_
     b, c = xn.shape[0], xn.shape[1]
     k = project_heads(xn, wk, bk, head_dim, k_norm)
     k = apply_rope(k, gather_rows(cos, cand), gather_rows(sin, cand))
+    probe_queries = torch.sym_min(probe_queries, c)   # never more probe rows than candidates
     offsets = torch.arange(probe_queries - 1, -1, -1, device=xn.device)
     probe_idx = (last_c.unsqueeze(1) - offsets.unsqueeze(0)).clamp(min=0)          # [B, P]
     probe_pos = cand.gather(1, probe_idx)

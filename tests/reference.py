@@ -15,7 +15,7 @@ Choices where SEMANTICS.md is silent (keep the passes in step with these):
   promise about them. `select_top` implements the rule.
 - M = max(1, min(budget_tokens(budget, N), C)): a fractional budget that rounds to 0 still keeps the
   last token.
-- probe rows: `probe_queries` candidate indices last_c - pq + 1 .. last_c, each clamped at 0 (so a
+- probe rows: pq = min(probe_queries, C) candidate indices last_c - pq + 1 .. last_c, each clamped at 0 (so a
   short prompt repeats row 0). Probe rows whose token is padding are left out of the mean.
 - with pap=False the FFN score is Cn alone; S_mha is still computed (for pruning and for the record).
 - N < schedule.min_tokens: the whole prefill is dense.
@@ -314,7 +314,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
 
     def probe(attn, xn, k_all, cos_all, sin_all, last_c, window):
         """S_mha [C]: the last probe_queries queries' softmax weights over the candidates, head-averaged."""
-        pq = schedule.probe_queries
+        pq = min(schedule.probe_queries, cand.shape[0])
         rows = torch.tensor([max(last_c - pq + 1 + i, 0) for i in range(pq)])
         rows = rows[real[cand[rows]]] if real[cand[rows]].any() else rows
         qp = _rope(_project_q(attn, xn[rows]), cos_all[cand[rows]], sin_all[cand[rows]])
