@@ -46,10 +46,12 @@ def parse_args(argv=None):
                    help="do not start a new length after this many seconds (the whole run must fit 8 min)")
     from .harness import spts_options
 
-    p.add_argument("--options", type=spts_options, default={}, metavar="JSON", help="spts options (default: preset)")
+    p.add_argument("--options", default="{}", metavar="JSON", help="spts options (default: preset)")
     # Development only: run the same path on the CPU (bf16) to check the script where no GPU is lent.
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.options = spts_options(a.options)   # a bad option: the ValueError naming it, before anything loads
+    return a
 
 
 def require_cuda(cpu_smoke: bool = False) -> torch.device:

@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibrate", action="store_true",
                    help="LTP channels ranked by a calibration (pydoc text, computed once and cached) instead of "
                         "the default weights-only ranking")
-    p.add_argument("--options", type=H.spts_options, default={}, metavar="JSON",
+    p.add_argument("--options", default="{}", metavar="JSON",
                    help='spts options for the spts configurations (baselines and sweep build on them), e.g. '
                         '\'{"start_layer": 9, "stage_ends": [12, 16, 21, 26]}\' or \'{"selector": "once"}\'')
     p.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spts-backend", default="spts", help=argparse.SUPPRESS)
     p.add_argument("--dense-backend", default="inductor", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.options = H.spts_options(a.options)   # a bad option: the ValueError naming it, before anything loads
     mode = QUICK if a.quick else FULL
     for k, v in mode.items():
         if getattr(a, k, None) is None:
@@ -148,11 +149,13 @@ def warm(v: H.Variant, ids, tok, length, new_tokens, store) -> H.CallResult:
     return r
 
 
-def speed_phase(args, variants, length, ids, tok, results, compile_log):
+def speed_phase(args, variants, length, ids, tok, results, compile_log, save):
     main = [v for v in variants if v.group == "main"]
     n16, n64 = args.new_tokens
     for v in main:  # a few new tokens compile every graph: prefill, the first decode step, the dynamic one
         warm(v, ids, tok, length, WARM_NEW_TOKENS, compile_log)
+        results["compile"] = compile_log
+        save()
     for _ in range(args.extra_warmup):
         for v in main:
             H.generate_once(v.model, ids, n64, fixed_length=True, pad_token_id=tok.pad_token_id)
@@ -164,6 +167,11 @@ def speed_phase(args, variants, length, ids, tok, results, compile_log):
             runs[v.name].append(r)
             log(f"  {length} rep {rep + 1}/{args.reps} {v.name:12s} prefill {r.ttft:6.2f}s  "
                 f"+{n16}: {r.e2e(n16):6.2f}s  +{n64}: {r.e2e(n64):6.2f}s  KV {r.kv_bytes / 2**20:6.1f} MiB")
+            # raw times as they come, so an interrupted run keeps them (the summary rows follow the last rep)
+            results.setdefault("speed_raw", []).append({"length": length, "rep": rep, "variant": v.name,
+                                                        "prefill_s": r.ttft, "e2e_s": r.step_times[-1],
+                                                        "kv_bytes": r.kv_bytes})
+            save()
     dense = runs["inductor"][0]
     for v in main:
         rs = runs[v.name]
@@ -188,7 +196,7 @@ def speed_phase(args, variants, length, ids, tok, results, compile_log):
     return dense
 
 
-def accuracy_phase(args, variants, length, samples, tok, results, keep_selection):
+def accuracy_phase(args, variants, length, samples, tok, results, keep_selection, save):
     names = ["inductor", "spts"] + (["spts_off"] if args.spts_off_accuracy else [])
     if length == args.sweep_length:
         names += [v.name for v in variants if v.group in ("baseline", "sweep")]
@@ -209,9 +217,10 @@ def accuracy_phase(args, variants, length, samples, tok, results, keep_selection
                     results["selection"] = {"length": length, "task": s.task, "depth": s.depth,
                                             "needle_tokens": _needle_tokens(s, tok), **sel}
         log(f"  {length} accuracy {i + 1}/{len(samples)} {s.task:15s} depth {s.depth:.2f}: " + " ".join(line))
+        save()
 
 
-def fidelity_phase(args, variants, length, n_tok, tok, results):
+def fidelity_phase(args, variants, length, n_tok, tok, results, save):
     names = ["spts"] + (["spts_off"] if args.spts_off_accuracy else [])
     if length == args.sweep_length:
         names += [v.name for v in variants if v.group in ("baseline", "sweep")]
@@ -226,6 +235,7 @@ def fidelity_phase(args, variants, length, n_tok, tok, results):
         results["fidelity"].append(row)
         log(f"  {length} fidelity {kind}: " + " ".join(
             f"{n}: KL {row[n].get('kl', float('nan')):.3f}" for n in names))
+        save()
 
 
 def _selection():
@@ -301,6 +311,10 @@ def main(argv=None) -> int:
         "speed": [], "accuracy_samples": [], "fidelity": [], "compile": {},
     }
     compile_log: dict = {}
+
+    def save():  # everything measured so far, after every step: an interrupted run keeps it
+        _save(results, out)
+    save()
     for i, length in enumerate(args.lengths):
         n_tok = prompt_tokens(length, model, args)
         if i:  # a fresh entry per length: each length compiles its own static prefill graph (see README)
@@ -308,21 +322,23 @@ def main(argv=None) -> int:
                 H.make_variant(model, v, dynamic=dynamic, tag=f"{v.name}@{length}")
         log(f"length {length}: timing prompt = {n_tok} tokens of the essays")
         kind, ids = D.fidelity_texts(tok, n_tok, count=1, seed=1)[0]
-        dense = speed_phase(args, variants, length, ids, tok, results, compile_log)
+        dense = speed_phase(args, variants, length, ids, tok, results, compile_log, save)
         extra = [v for v in variants if v.group != "main"] if length == args.sweep_length else []
         for v in extra:  # compile baselines and sweep points before they are timed on the suite
             r = warm(v, ids, tok, length, 32, compile_log)
             results["fidelity"][-1][v.name] = H.fidelity(dense, r)
+            save()
         if not args.no_accuracy:
             samples = D.build_suite(tok, [n_tok], depths=tuple(args.depths), per_task=args.per_task,
                                     tasks=tuple(args.tasks))
             for s in samples:
                 s.length = length  # grouped under the nominal length
             log(f"length {length}: accuracy suite, {len(samples)} samples")
-            accuracy_phase(args, variants, length, samples, tok, results, keep_selection=length == max(args.lengths))
-        fidelity_phase(args, variants, length, n_tok, tok, results)
+            accuracy_phase(args, variants, length, samples, tok, results, keep_selection=length == max(args.lengths),
+                           save=save)
+        fidelity_phase(args, variants, length, n_tok, tok, results, save)
         results["compile"] = compile_log
-        _save(results, out)  # partial results survive an interrupted run
+        save()
     results["accuracy"] = R.accuracy_table(results["accuracy_samples"])
     results["sweep"] = R.sweep_rows(results, variants, args.sweep_length)
     results["targets"] = R.targets(results, max(args.lengths))
@@ -341,7 +357,10 @@ def main(argv=None) -> int:
 
 
 def _save(results: dict, out: Path) -> None:
-    (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+    """Write bench.json atomically: an interruption leaves the previous complete file, never half of one."""
+    tmp = out / ".bench.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(out / "bench.json")
 
 
 if __name__ == "__main__":

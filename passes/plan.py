@@ -135,8 +135,13 @@ def make_plan(analysis: GraphAnalysis, schedule: Schedule, first_skip: int | Non
             elif schedule.is_stage_end(spec.index):
                 lp.prune = schedule.prune[lp.stage]
                 cand = cand - sympy.Min(tokens(lp.prune), cand - 1)
-        elif spec.index >= schedule.start_layer and first_skip is None:
-            lp.note = "dense: skipping is off for this graph"
+        elif spec.index < schedule.start_layer:
+            lp.note = f"dense by the schedule (before start_layer={schedule.start_layer})"
+        elif first_skip is None:
+            lp.note = "dense: nothing skips in this graph (see its reason)"
+        else:
+            lp.note = (f"dense: skipping starts at layer {first_skip}, after the last layer that could not be "
+                       "matched or verified (every skipping layer's successors must be)")
         _count_flops(lp, spec, schedule, selector, first_skip)
         plan.layers.append(lp)
     return plan

@@ -17,6 +17,7 @@ def demo(args) -> int:
     from tabulate import tabulate
 
     import spts_compile
+    from spts_compile.report import plan_table
     from spts_compile.models import ModelNotInstalled, load_model
 
     torch.set_num_threads(args.threads)
@@ -40,10 +41,8 @@ def demo(args) -> int:
     print(f"preset: {s['schedule']['preset']}  LTP proxy: {s['ltp_mode']} ranking, "
           f"D_low={s['ltp_channels']}, r={s['ltp_rank']}\n")
     print(tabulate(s["layers"], headers="keys"))
-    plan = [{k: r[k] for k in ("layer", "mode", "stage", "candidates", "active", "prune", "kv_tokens")}
-            for r in s["plan"]]
     print()
-    print(tabulate(plan, headers="keys"))
+    print(plan_table(s))
     kv = sum(l.keys.numel() + l.values.numel() for l in out.cache.layers) * out.logits.element_size()
     print(f"\nplanned FLOPs: {s['flop_ratio']:.3f} of dense   KV cache: {s['kv_ratio']:.3f} of dense "
           f"({kv / 2**20:.1f} MiB)")

@@ -2,9 +2,11 @@
 
 `options={"debug_dir": d}` (or SPTS_DEBUG_DIR) writes one folder per compiled graph:
   before.py / after.py   the graph as readable Python, before and after the passes
-  layers.txt             the layers found: attention and FFN kind, verified, reason
-  plan.txt               per layer: dense/skip, candidates, budget, prune, KV tokens, FLOPs dense vs planned
-  summary.json           the same, machine-readable, with the totals at the example length
+  layers.txt             the layers found: attention and FFN kind, verified (or why it did not need to be)
+  plan.txt               per layer at the compiled N: dense/skip (and why dense), candidates, active, pruned,
+                         KV tokens, GFLOPs dense vs planned
+  plan_symbolic.txt      the same rules as expressions in N, compactly (candidates C, active M per layer)
+  summary.json           all of it, machine-readable (the full sympy expressions too)
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import sympy
 from tabulate import tabulate
 
-from .passes.plan import N
+from .passes.plan import N, tokens
 
 
 def _n_value(record) -> int | None:
@@ -35,18 +37,62 @@ def _expr(e, n):
 
 
 def layer_rows(record) -> list[dict]:
+    """What the analysis found per layer. `verified` is "yes", "no" (with why), or "not needed": a layer the
+    passes leave exactly as compiled (dense) is not verified."""
     rows = []
     for l in record.analysis.layers if record.analysis else []:
+        if l.verified:
+            verified, reason = "yes", l.verify_note
+        elif l.verify_note:
+            verified, reason = "no", l.verify_note
+        elif l.reason:
+            verified, reason = "no", f"not matched: {l.reason}"
+        else:
+            verified, reason = "not needed", "left as compiled (dense)"
         rows.append({
             "layer": l.index,
+            "family": l.family.name,
             "attention": (l.attn.kind + (" +bias" if l.attn.bq is not None else "") +
                           (" +qk_norm" if l.attn.q_norm else "")) if l.attn else "-",
             "ffn": l.ffn.act if l.ffn else "-",
             "cache": l.cache,
-            "verified": "yes" if l.verified else "no",
-            "reason": l.reason or l.verify_note or "",
+            "verified": verified,
+            "reason": reason,
         })
     return rows
+
+
+def _at(expr, n):
+    return None if n is None else float(sympy.sympify(expr).subs(N, n))
+
+
+def _compact_rules(plan) -> list[dict]:
+    """Per layer, candidates C and active M as short rules in N and the previous layer's C."""
+    rows, prev = [], None
+    for lp in plan.layers:
+        if lp.mode == "dense":
+            rule_c, rule_m = "N", "N"
+        else:
+            rule_c = "N" if prev is None else prev
+            rule_m = f"min({tokens(lp.budget)}, C{lp.index})"
+        row = {"layer": lp.index, "mode": lp.mode, "C (candidates)": rule_c, "M (active)": rule_m,
+               "pruned after": f"min({tokens_str(lp.prune)}, C{lp.index} - 1)" if lp.prune is not None else "",
+               "KV tokens": "N" if lp.mode == "dense" else ("M" if sympy.sympify(lp.kv_tokens) == sympy.sympify(lp.active)
+                                                           else "C"),
+               "FLOPs dense": str(sympy.factor(lp.flops_dense))}
+        rows.append(row)
+        if lp.mode == "skip":
+            if plan.selector is not None and plan.selector.keeps_set:
+                prev = f"M{lp.index}"
+            elif lp.prune is not None:
+                prev = f"C{lp.index} - min({tokens_str(lp.prune)}, C{lp.index} - 1)"
+            else:
+                prev = f"C{lp.index}"
+    return rows
+
+
+def tokens_str(budget) -> str:
+    return str(tokens(budget))
 
 
 def plan_rows(record) -> list[dict]:
@@ -57,13 +103,19 @@ def plan_rows(record) -> list[dict]:
     for lp in record.plan.layers:
         fd, fd_v = _expr(lp.flops_dense, n)
         fp, fp_v = _expr(lp.flops_planned, n)
+        cand_n = _at(lp.candidates, n)
+        pruned_n = None
+        if lp.prune is not None and n is not None:
+            pruned_n = min(_at(tokens(lp.prune), n), cand_n - 1)
         rows.append({
             "layer": lp.index, "mode": lp.mode, "stage": lp.stage, "budget": lp.budget,
             "candidates": str(lp.candidates), "active": str(lp.active),
             "prune": lp.prune, "kv_tokens": str(lp.kv_tokens),
             "flops_dense": fd, "flops_planned": fp,
+            "candidates_at_n": cand_n, "active_at_n": _at(lp.active, n), "pruned_at_n": pruned_n,
             "flops_dense_at_n": fd_v, "flops_planned_at_n": fp_v,
-            "kv_tokens_at_n": float(sympy.sympify(lp.kv_tokens).subs(N, n)) if n else None,
+            "kv_tokens_at_n": _at(lp.kv_tokens, n),
+            "why": lp.note,
         })
     return rows
 
@@ -116,6 +168,27 @@ def _kv_bytes(record, n: int) -> dict:
             "kv_bytes_planned": sum(r["planned"] for r in per_layer), "kv_bytes_per_layer": per_layer}
 
 
+def plan_table(s: dict) -> str:
+    """The plan at the compiled N as a table of plain numbers (GFLOPs), with why a layer is dense."""
+    n = s.get("seq_len")
+    if not s.get("plan"):
+        return "(no plan)"
+    if n is None:
+        cols = ["layer", "mode", "stage", "candidates", "active", "prune", "kv_tokens", "why"]
+        return tabulate([{k: r[k] for k in cols} for r in s["plan"]], headers="keys")
+    rows = [{"layer": r["layer"], "mode": r["mode"], "stage": r["stage"],
+             "candidates": _int(r["candidates_at_n"]), "active": _int(r["active_at_n"]),
+             "pruned after": _int(r["pruned_at_n"]) if r["pruned_at_n"] is not None else "",
+             "KV tokens": _int(r["kv_tokens_at_n"]),
+             "GFLOPs dense": f"{r['flops_dense_at_n'] / 1e9:.4g}", "GFLOPs planned": f"{r['flops_planned_at_n'] / 1e9:.4g}",
+             "why dense": r["why"] if r["mode"] == "dense" else ""} for r in s["plan"]]
+    return f"at N = {n}\n" + tabulate(rows, headers="keys")
+
+
+def _int(x):
+    return None if x is None else int(x)
+
+
 def write_dump(debug_dir, record, before, after) -> Path:
     folder = Path(debug_dir) / f"graph_{os.getpid()}_{record.graph_id:03d}_{record.kind}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,12 +198,15 @@ def write_dump(debug_dir, record, before, after) -> Path:
     s = summary(record)
     head = f"graph {record.graph_id}: {record.kind}" + (f" ({record.reason})" if record.reason else "")
     (folder / "layers.txt").write_text(head + "\n\n" + tabulate(s["layers"], headers="keys") + "\n")
-    plan_cols = ["layer", "mode", "stage", "candidates", "active", "prune", "kv_tokens", "flops_dense",
-                 "flops_planned"]
-    text = tabulate([{k: r[k] for k in plan_cols} for r in s["plan"]], headers="keys")
-    totals = {k: s.get(k) for k in ("flops_dense", "flops_planned", "flop_ratio", "kv_ratio", "kv_bytes_dense",
-                                   "kv_bytes_planned", "ltp_mode",
-                                   "ltp_channels", "ltp_rank", "causal_cleanup_layers", "verify_seconds")}
+    text = plan_table(s)
+    if record.plan is not None:
+        (folder / "plan_symbolic.txt").write_text(
+            head + "\n\nRules per layer (N: prompt length; C<l>, M<l>: layer l's candidates and active tokens)\n\n"
+            + tabulate(_compact_rules(record.plan), headers="keys") + "\n\nTotal FLOPs, dense: "
+            + str(s.get("flops_dense")) + "\n")
+    totals = {k: s.get(k) for k in ("flops_dense_at_n", "flops_planned_at_n", "flop_ratio", "kv_ratio",
+                                   "kv_bytes_dense", "kv_bytes_planned", "ltp_mode", "ltp_channels", "ltp_rank",
+                                   "causal_cleanup_layers", "verify_seconds", "selector")}
     (folder / "plan.txt").write_text(head + "\n\n" + text + "\n\n" +
                                      "\n".join(f"{k}: {v}" for k, v in totals.items()) + "\n")
     (folder / "summary.json").write_text(json.dumps(s, indent=2, default=str))
