@@ -40,9 +40,10 @@ def setup_process(threads: int) -> None:
 
 
 def spts_options(text: str) -> dict:
-    """argparse type of `--options`: a JSON object of spts options, checked by `SPTSConfig` before anything
-    loads, so that a typo stops the run with the option's name rather than minutes later inside a compile."""
-    import argparse
+    """`--options`: a JSON object of spts options, checked by `SPTSConfig` before anything loads, so that a
+    typo stops the run with the option's name rather than minutes later inside a compile. A bad option is
+    the same ValueError naming the field as `SPTSConfig(...)` and `options=` raise (argparse would turn a
+    ValueError from a `type=` function into a message without it, so call this after parsing)."""
     import json
 
     from spts_compile.config import SPTSConfig
@@ -50,13 +51,10 @@ def spts_options(text: str) -> dict:
     try:
         opts = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+        raise ValueError(f"spts: --options is not JSON: {e}") from None
     if not isinstance(opts, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    try:
-        SPTSConfig(**opts)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise ValueError(f"spts: --options must be a JSON object of options, got {type(opts).__name__}")
+    SPTSConfig(**opts)
     return opts
 
 
