@@ -205,41 +205,72 @@ def plots(results: dict, out: Path) -> list[Path]:
     return written
 
 
-def _plot_speed_accuracy(results, out: Path) -> Path | None:
-    import matplotlib.pyplot as plt
+_GROUP_STYLE = {  # marker, colour, legend label
+    "dense": ("*", "k", "dense (Inductor)"),
+    "main": ("o", "tab:blue", "spts configuration"),
+    "sweep": ("s", "tab:blue", "spts, budgets scaled"),
+    "baseline": ("^", "tab:red", "other selector, same budgets"),
+}
 
-    rows = results.get("sweep") or []
-    if not rows:
+
+def _style(row):
+    return _GROUP_STYLE["dense" if row["variant"] == "inductor" else row.get("group", "main")]
+
+
+def _plot_speed_accuracy(results, out: Path) -> Path | None:
+    """Speed against accuracy and against KL, one point per configuration. Points are numbered, with the key
+    beside the panels (labels on the points pile up); a panel without data is not drawn."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in (results.get("sweep") or []) if r.get("speedup_vs_inductor") is not None]
+    panels = [(key, label) for key, label in (("accuracy", "needle accuracy (suite mean score)"),
+                                               ("kl_mean", "last-token KL vs dense (log scale)"))
+              if any(r.get(key) is not None and (key != "kl_mean" or r["variant"] != "inductor") for r in rows)]
+    if not rows or not panels:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    style = {"main": ("o", "tab:blue"), "sweep": ("s", "tab:blue"), "baseline": ("^", "tab:red")}
-    for ax, key, ylabel in ((axes[0], "accuracy", "accuracy (suite mean score)"),
-                            (axes[1], "kl_mean", "last-token KL vs dense (log)")):
-        sweep = sorted([r for r in rows if r["group"] == "sweep" or r["variant"] == "spts"],
-                       key=lambda r: r["speedup_vs_inductor"] or 0)
-        xs = [r["speedup_vs_inductor"] for r in sweep if r.get(key) is not None]
-        ys = [r[key] for r in sweep if r.get(key) is not None]
-        if len(xs) > 1:
-            ax.plot(xs, ys, "-", color="tab:blue", alpha=0.5, label="SPTS budget sweep")
-        for r in rows:
-            if r.get(key) is None or r.get("speedup_vs_inductor") is None:
-                continue
-            if key == "kl_mean" and r["variant"] == "inductor":
-                continue
-            m, c = style.get(r["group"], ("o", "k"))
-            if r["variant"] == "inductor":
-                m, c = "*", "k"
-            ax.scatter([r["speedup_vs_inductor"]], [r[key]], marker=m, color=c, s=60, zorder=3)
-            ax.annotate(r["variant"], (r["speedup_vs_inductor"], r[key]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("prefill speedup vs Inductor (x)")
+    number = {r["variant"]: i + 1 for i, r in enumerate(rows)}
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.2 * len(panels) + 3.6, 4.6),
+                             gridspec_kw={"width_ratios": [1] * len(panels) + [0.7]})
+    for ax, (key, ylabel) in zip(axes, panels):
+        pts = [r for r in rows if r.get(key) is not None and not (key == "kl_mean" and r["variant"] == "inductor")]
+        sweep = sorted((r for r in pts if r.get("group") == "sweep" or r["variant"] == "spts"),
+                       key=lambda r: r["speedup_vs_inductor"])
+        if len(sweep) > 1:
+            ax.plot([r["speedup_vs_inductor"] for r in sweep], [r[key] for r in sweep], "-", color="tab:blue",
+                    alpha=0.4, zorder=1)
+        import math
+        ys = [math.log10(r[key]) if key == "kl_mean" and r[key] > 0 else r[key] for r in pts]
+        xspan = (max(r["speedup_vs_inductor"] for r in pts) - min(r["speedup_vs_inductor"] for r in pts)) or 1
+        yspan = (max(ys) - min(ys)) or 1
+        placed = []
+        for r, y in zip(pts, ys):
+            m, c, _ = _style(r)
+            x = r["speedup_vs_inductor"]
+            ax.scatter([x], [r[key]], marker=m, color=c, s=70, zorder=3)
+            # neighbours within 4% of both spans get their numbers stacked, not printed on top of each other
+            near = sum(abs(x - px) < 0.04 * xspan and abs(y - py) < 0.04 * yspan for px, py in placed)
+            placed.append((x, y))
+            ax.annotate(str(number[r["variant"]]), (x, r[key]), textcoords="offset points",
+                        xytext=(5, 3 + 9 * near), fontsize=8)
+        ax.set_xlabel("prefill speedup vs Inductor (x, same prompts)")
         ax.set_ylabel(ylabel)
         if key == "kl_mean":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"{results['meta']['model']}, N={results['meta']['sweep_length']}, "
-                      f"{results['meta']['threads']} threads")
-    axes[1].set_title("red: selection baselines at the preset budgets")
+        ax.set_title(ylabel.split(" (")[0][0].upper() + ylabel.split(" (")[0][1:] + " against prefill speedup",
+                     fontsize=10)
+    key_ax = axes[-1]
+    key_ax.axis("off")
+    groups = [g for g in _GROUP_STYLE if any(_style(r) == _GROUP_STYLE[g] for r in rows)]
+    key_ax.legend(handles=[Line2D([], [], marker=_GROUP_STYLE[g][0], color=_GROUP_STYLE[g][1], ls="",
+                                  markersize=8, label=_GROUP_STYLE[g][2]) for g in groups],
+                  loc="upper left", fontsize=8, frameon=False)
+    key_ax.text(0, 0.62, "\n".join(f"{number[r['variant']]:>2}  {r.get('label') or r['variant']}" for r in rows),
+                va="top", family="monospace", fontsize=7.5, transform=key_ax.transAxes)
+    m = results["meta"]
+    fig.suptitle(f"{m['model']}, N = {m['sweep_length']} tokens, {m['threads']} threads: every configuration "
+                 f"on the same prompts", fontsize=11)
     fig.tight_layout()
     path = out / "speed_accuracy.png"
     fig.savefig(path, dpi=120)
@@ -248,26 +279,32 @@ def _plot_speed_accuracy(results, out: Path) -> Path | None:
 
 
 def _plot_tokens_kept(results, out: Path) -> Path | None:
+    """Left: active tokens per skipping layer, for each block (the FFN's line dashed, with larger markers,
+    so an equal count does not hide the attention's). Right: which positions each layer's attention kept."""
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     sel = results.get("selection")
     if not sel or not sel.get("layers"):
         return None
     n = sel["length"]
     layers = sel["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 2]})
-    for block, color in (("attn", "tab:blue"), ("ffn", "tab:orange")):
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5), gridspec_kw={"width_ratios": [1, 2]})
+    styles = {"attn": dict(color="tab:blue", marker="o", ls="-", ms=5, label="attention active"),
+              "ffn": dict(color="tab:orange", marker="s", ls="--", ms=9, mfc="none", label="FFN active")}
+    for block, st in styles.items():
         pts = sorted((d["layer"], len(d["active"])) for d in layers if d["block"] == block)
         if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{block} active")
-    axes[0].axhline(n, color="k", ls="--", lw=1, label="dense (N)")
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **st)
+    axes[0].axhline(n, color="k", ls=":", lw=1, label=f"dense (N = {n})")
     axes[0].set_xlabel("layer")
-    axes[0].set_ylabel("tokens kept")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("tokens")
     axes[0].set_ylim(0, n * 1.05)
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
-    import numpy as np
-
+    axes[0].set_title("Tokens each skipping layer runs", fontsize=10)
     attn = sorted((d for d in layers if d["block"] == "attn"), key=lambda d: d["layer"])
     if attn:
         bins = min(n, 256)
@@ -276,15 +313,19 @@ def _plot_tokens_kept(results, out: Path) -> Path | None:
         lo, hi = attn[0]["layer"] - 0.5, attn[-1]["layer"] + 0.5
         im = axes[1].imshow(grid, aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=1,
                             extent=(0, n, lo, hi), interpolation="nearest")
-        fig.colorbar(im, ax=axes[1], label="fraction of tokens kept (attention)")
+        fig.colorbar(im, ax=axes[1], label="share of the positions in the bin kept by the attention")
+        axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
     for i, pos in enumerate(sel.get("needle_tokens") or []):
-        axes[1].axvline(pos, color="tab:red", lw=1, ls=":", label="needle" if i == 0 else None)
+        axes[1].axvline(pos, color="tab:red", lw=1.2, ls="--", label="needle" if i == 0 else None)
     if sel.get("needle_tokens"):
         axes[1].legend(fontsize=8, loc="lower left")
     axes[1].set_xlim(0, n)
-    axes[1].set_xlabel("token position")
-    axes[1].set_ylabel("layer (attention active set)")
-    axes[1].set_title(f"{sel['task']}, depth {sel['depth']:.2f}, N={n}")
+    axes[1].set_xlabel("token position in the prompt")
+    axes[1].set_ylabel("layer")
+    axes[1].set_title(f"Positions kept by each layer's attention ({sel['task']}, needle at depth {sel['depth']:.2f})",
+                      fontsize=10)
+    m = results.get("meta", {})
+    fig.suptitle(f"{m.get('model', '')}: what the spts prefill kept, N = {n}", fontsize=11)
     fig.tight_layout()
     path = out / "tokens_kept.png"
     fig.savefig(path, dpi=120)
