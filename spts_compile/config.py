@@ -222,12 +222,13 @@ class Schedule:
     ltp_rank: int | None
     min_tokens: int
     preset: str
-    pool: int = 1
-    pool_kind: str = "avg"
-    sink: int = 0
-    window: int = 0
-    heads: str = "mean"
-    kv_cache: str = "active"
+    # retrieval protection, as SPTSConfig gives it (the defaults live there only)
+    pool: int
+    pool_kind: str
+    sink: int
+    window: int
+    heads: str
+    kv_cache: str
 
     @property
     def forces(self) -> bool:
