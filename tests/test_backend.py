@@ -15,7 +15,7 @@ import spts_compile
 from spts_compile import runtime
 from tiny_models import make_inputs, make_model
 
-SKIP_OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1)
+SKIP_OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, selector="probe")
 
 
 def compile_fn(fn, **options):

@@ -12,7 +12,7 @@ from spts_compile.config import SPTSConfig
 from spts_compile.passes.plan import ltp_dims
 from tiny_models import SLIDING, family_names, make_inputs, make_model
 
-OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1)
+OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, selector="probe")
 STEPS = 8
 
 

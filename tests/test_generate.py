@@ -17,7 +17,7 @@ torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limi
 DEPTH = 4
 N = 24
 NEW = 32
-GEN = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1)
+GEN = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, selector="probe")
 OFF = dict(pap=False, ltp=False, msdp=False, min_tokens=1)
 
 

@@ -11,7 +11,7 @@ from spts_compile.passes import plan as planning
 from spts_compile.passes.plan import N
 from tests.tiny_models import capture_graph, make_inputs, make_model
 
-OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1)
+OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, selector="probe")
 
 
 def analysis_of(family="llama", n=40, use_cache=False, layers=4):

@@ -30,7 +30,8 @@ DENSE_ATOL = 1e-5  # SPTS that cannot skip anything vs dense Inductor
 DEPTH = 4
 PAD = [0, 5]    # left padding of the two rows of a padded batch
 
-FULL = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, record_selection=True)
+FULL = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, record_selection=True,
+            selector="probe")
 CONFIGS = {
     "int": FULL,                                                       # PAP + LTP + MSDP, token budgets
     "frac": dict(FULL, budgets=[0.5, 0.375], prune=0.125),             # budgets as fractions of N
@@ -453,7 +454,7 @@ def test_nothing_to_skip_equals_dense_inductor(h, family, attn, use_cache, with_
 # ---------------------------------------------------------------------------------------------
 # Dynamic shapes: one graph for every later prompt length
 # ---------------------------------------------------------------------------------------------
-DYN_OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 0.375], prune=0.125, min_tokens=1)
+DYN_OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 0.375], prune=0.125, min_tokens=1, selector="probe")
 
 
 def _counting_compile(model, options, **kw):

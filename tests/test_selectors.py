@@ -13,7 +13,8 @@ from tests import toy_selector
 from tests.reference import last_positions, reference_prefill
 from tests.tiny_models import make_inputs, make_model
 
-OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, record_selection=True)
+OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, record_selection=True,
+            selector="probe")
 
 
 def test_registry_lists_every_built_in_and_the_registered_toy():

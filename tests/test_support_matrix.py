@@ -22,7 +22,7 @@ from tiny_models import SLIDING, family_names, make_inputs, make_model
 FAMILIES = family_names()
 # Sliding-window caches cannot be compacted: with use_cache those prefills run dense, by design.
 DENSE_WITH_CACHE = set(SLIDING)
-OPTS = dict(start_layer=1, stage_ends=[1], budgets=[10], prune=3, min_tokens=1)
+OPTS = dict(start_layer=1, stage_ends=[1], budgets=[10], prune=3, min_tokens=1, selector="probe")
 RESULTS: dict[str, dict] = {}
 
 

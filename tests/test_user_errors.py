@@ -10,7 +10,8 @@ import spts_compile
 from spts_compile import Calibration
 from tests.tiny_models import make_inputs, make_model
 
-OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, compiler="eager")
+OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tokens=1, compiler="eager",
+            selector="probe")
 
 
 def compiled(model, **options):
