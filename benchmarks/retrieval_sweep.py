@@ -35,6 +35,8 @@ CONFIGS = {
     "once_guard": dict(GUARD, selector="once"),
     "window_pool": dict(sink=4, window=64, pool=7, pool_kind="max"),
     "kvc": dict(kv_cache="candidates"),
+    "stage_question": dict(selector="stage", probe_queries=48, heads="max"),
+    "stage_x2": dict(selector="stage", budgets=[0.75, 0.5, 0.375, 0.25]),
 }
 
 
