@@ -10,6 +10,9 @@
 - Key-value retrieval (Liu et al., "Lost in the middle"): a JSON object of random UUID keys and values.
 - hard-needle (PyPI, MIT): confusable multi-needle examples from its generator (`generate_hard_example`).
 - Long natural text for fidelity: essays segments and `pydoc_data.topics`.
+- Generated keys hidden in the essays (`secret_code`: a random 6-digit code; `word_pair`: a random pair of
+  words drawn from the essays' own vocabulary; `magic_number`: RULER's "special magic number" sentence
+  with a random city and 7-digit number), at a depth given by the sample index (`depth_for_index`).
 
 Lengths are counted in tokens of the model's tokenizer, chat template included: each prompt has at most
 `length` tokens and at least `length - 64`.
@@ -42,6 +45,11 @@ CITIES = ["Chicago", "Lisbon", "Nairobi", "Osaka", "Lima", "Oslo", "Cairo", "Qui
           "Hanoi", "Zurich", "Denver", "Athens", "Seoul", "Bogota"]
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "passkey", "kv_retrieval", "hard_needle")
+# Generated keys in the essays (benchmarks.accuracy); not part of `TASKS`, which the main job runs by default.
+GENERATED_TASKS = ("secret_code", "word_pair", "magic_number")
+ALL_TASKS = TASKS + GENERATED_TASKS
+# Tasks whose needle depth is an argument (the others place their needles from the sample's own seed).
+DEPTH_TASKS = ("niah_single", "passkey", "kv_retrieval", "secret_code", "word_pair", "magic_number")
 
 
 @dataclass
@@ -379,6 +387,96 @@ def hard_needle(tok, length: int, index: int = 0, seed: int = 0, num_needles: in
                             needles=[r["sentence"] for r in ex["needle_records"]]))
 
 
+# -- generated keys (benchmarks.accuracy) --------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def essay_words() -> tuple[str, ...]:
+    """Lower-case words of 5-9 letters that occur 3-40 times in the essays: real words (no typos), not so
+    common that the model would guess them. Sorted, so a seed picks the same words everywhere."""
+    from collections import Counter
+
+    counts = Counter(re.findall(r"\b[a-z]{5,9}\b", essays_text()))
+    return tuple(sorted(w for w, c in counts.items() if 3 <= c <= 40))
+
+
+def _hidden_in_essays(task: str, tok, length: int, depth: float, index: int, seed: int, needle: str,
+                      question: str, answers: list[str], rng: random.Random, answer_prefix: str = "",
+                      max_new_tokens: int = 24) -> Sample:
+    """One needle at `depth` of an essays haystack and the question after it, in needlehaystack's wording.
+    (A RULER-style answer prefix in the assistant turn, "The secret code is", did not help SmolLM2-135M at
+    4K: 0/2 and 0/2 with it as without; so there is none.)"""
+    corpus = _tokenized("essays", tok)
+    start = rng.randrange(len(corpus))
+
+    def make(k):
+        hay = _insert_at_depths(corpus.span(start, k), [needle], [depth])
+        return f"{hay}\n\n{question} Don't give information outside the document or repeat your findings"
+
+    _, ids = fit_to_length(make, tok, length, answer_prefix=answer_prefix)
+    return Sample(task, length, index, ids, answers, depth=depth, max_new_tokens=max_new_tokens,
+                  meta=dict(question=question, needles=[needle], answer_prefix=answer_prefix))
+
+
+def secret_code(tok, length: int, depth: float, index: int = 0, seed: int = 0) -> Sample:
+    """A random 6-digit code in one sentence at `depth` of an essays haystack."""
+    rng = _rng("secret_code", length, index, seed)
+    code = str(rng.randrange(100_000, 1_000_000))
+    return _hidden_in_essays("secret_code", tok, length, depth, index, seed,
+                             f"The secret code is {code}.", "What is the secret code?", [code], rng)
+
+
+def word_pair(tok, length: int, depth: float, index: int = 0, seed: int = 0) -> Sample:
+    """A random pair of essay words as a key phrase at `depth` of an essays haystack; both words, in order,
+    must appear in the answer."""
+    rng = _rng("word_pair", length, index, seed)
+    a, b = rng.sample(essay_words(), 2)
+    return _hidden_in_essays("word_pair", tok, length, depth, index, seed,
+                             f"The secret key phrase is \"{a} {b}\".", "What is the secret key phrase?",
+                             [f"{a} {b}"], rng)
+
+
+def magic_number(tok, length: int, depth: float, index: int = 0, seed: int = 0) -> Sample:
+    """RULER's single needle (niah_single's odd samples) at every index: "One of the special magic numbers
+    for CITY is: NNNNNNN." at `depth` of an essays haystack, a random city and 7-digit number."""
+    rng = _rng("magic_number", length, index, seed)
+    city, number = rng.choice(CITIES), str(rng.randrange(1_000_000, 10_000_000))
+    return _hidden_in_essays("magic_number", tok, length, depth, index, seed,
+                             f"One of the special magic numbers for {city} is: {number}.",
+                             f"What is the special magic number for {city}?", [number], rng)
+
+
+def depth_for_index(index: int, lo: float = 0.1, hi: float = 0.9) -> float:
+    """The needle depth of sample `index`: lo, hi, then the van der Corput sequence in between (0.5, 0.3,
+    0.7, 0.2, 0.6, 0.4, 0.8, ...), so that the first n samples of any n are spread over [lo, hi]."""
+    if index == 0:
+        return lo
+    if index == 1:
+        return hi
+    i, f, x = index - 1, 0.5, 0.0
+    while i:
+        x += f * (i & 1)
+        i >>= 1
+        f /= 2
+    return round(lo + (hi - lo) * x, 6)
+
+
+def make_sample(tok, task: str, length: int, index: int, seed: int = 0) -> Sample:
+    """Sample `index` of `task` at `length` tokens: reproducible from (task, length, index, seed) alone.
+    Depth tasks put their needle at `depth_for_index(index)`; the others draw their layout from the seed."""
+    depth = depth_for_index(index)
+    makers = {"niah_single": niah_single, "passkey": passkey, "kv_retrieval": kv_retrieval,
+              "secret_code": secret_code, "word_pair": word_pair, "magic_number": magic_number}
+    if task in makers:
+        return makers[task](tok, length, depth, index=index, seed=seed)
+    if task == "niah_multikey":
+        return niah_multikey(tok, length, index=index, seed=seed)
+    if task == "niah_multivalue":
+        return niah_multivalue(tok, length, index=index, seed=seed)
+    if task == "hard_needle":
+        return hard_needle(tok, length, index=index, seed=seed)
+    raise ValueError(f"unknown task {task!r}; valid: {ALL_TASKS}")
+
+
 def build_suite(tok, lengths: list[int], depths=(0.1, 0.5, 0.9), per_task: int | None = None,
                 tasks: tuple[str, ...] = TASKS, seed: int = 0) -> list[Sample]:
     """The accuracy suite: for each length, each task at each depth (tasks with their own depth layout get
@@ -400,8 +498,14 @@ def build_suite(tok, lengths: list[int], depths=(0.1, 0.5, 0.9), per_task: int |
                     samples.append(niah_multivalue(tok, length, index=i, seed=seed))
                 elif task == "hard_needle":
                     samples.append(hard_needle(tok, length, index=i, seed=seed))
+                elif task == "secret_code":
+                    samples.append(secret_code(tok, length, d, index=i, seed=seed))
+                elif task == "word_pair":
+                    samples.append(word_pair(tok, length, d, index=i, seed=seed))
+                elif task == "magic_number":
+                    samples.append(magic_number(tok, length, d, index=i, seed=seed))
                 else:
-                    raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
+                    raise ValueError(f"unknown task {task!r}; valid: {ALL_TASKS}")
                 if per_task is not None and len(samples) >= per_task:
                     break
             out.extend(samples)

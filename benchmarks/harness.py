@@ -326,3 +326,30 @@ def fidelity(dense: CallResult, other: CallResult, horizon: int = 32) -> dict:
         out["cont_prefix"] = prefix
         out["cont_horizon"] = h
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | tuple[None, None]:
+    """Wilson score interval of a proportion k/n (95% for z = 1.96); (None, None) for n = 0."""
+    import math
+
+    if n <= 0:
+        return None, None
+    p = k / n
+    den = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def proportion(k: int, n: int) -> dict:
+    """k of n, the fraction and its 95% Wilson interval, as one JSON-ready dict."""
+    lo, hi = wilson(k, n)
+    return {"correct": k, "n": n, "accuracy": (k / n) if n else None,
+            "wilson95": [round(lo, 4), round(hi, 4)] if n else None}
+
+
+def ids_hash(input_ids: torch.Tensor) -> str:
+    """A short content hash of a prompt's token ids (for caches keyed by prompt)."""
+    import hashlib
+
+    return hashlib.sha1(input_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]

@@ -2,6 +2,11 @@
 
     python -m benchmarks.tune                          # the candidate grid below, SmolLM2, 8K
     python -m benchmarks.tune --configs preset wide --length 4096 --out results/tune.json
+    python -m benchmarks.tune --suite smollm2 --length 4096 --configs preset sel_once   # the accuracy suite
+
+With `--suite` (a name from `benchmarks.accuracy.SUITES`) the run is `benchmarks.accuracy`'s: the suite's
+tasks with `--per-task` samples each, 95% Wilson intervals, cached dense answers, fidelity on `--texts`
+texts (default 8 there) with 32-token greedy match, written after every candidate.
 
 Each candidate is the `spts` backend with `compiler="eager"`: the same rewritten graph that Inductor
 would compile, run as an FX graph, so a candidate costs a trace and a few forwards instead of minutes
@@ -28,6 +33,7 @@ import torch  # noqa: E402
 from . import data as D  # noqa: E402
 from .harness import Variant, fidelity, generate_once, make_variant, setup_process  # noqa: E402
 from .models import calibration_for, load_model  # noqa: E402
+from spts_compile import selectors  # noqa: E402
 
 # Candidate schedules (options for the backend; unset fields come from the preset for the model's depth).
 # Layer indices are written for SmolLM2's 30 layers. "CALIBRATION" stands for the cached pydoc calibration.
@@ -53,7 +59,7 @@ CANDIDATES: dict[str, dict] = {
     "early_2stage_cal": dict(CAL, start_layer=9, stage_ends=[14, 22], budgets=[0.4375, 0.21875], prune=0.0625),
     "start6_wide": dict(start_layer=6, stage_ends=[10, 15, 20, 25], budgets=[0.5, 0.375, 0.25, 0.1875]),
     # the same budgets as `preset`, other selection rules (issue 5's baselines)
-    **{f"sel_{k}": dict(selector=k) for k in ("recent", "norm", "random", "once", "stage")},
+    **{f"sel_{k}": dict(selector=k) for k in selectors.baselines()},
     # keep-set modes on the faster early schedule, and wider probes (the last q tokens' queries)
     "once_early": dict(EARLY, selector="once"),
     "stage_early": dict(EARLY, selector="stage"),
@@ -75,7 +81,10 @@ def parse_args(argv=None):
                    help='an extra candidate, e.g. --set \'wide={"budgets": [0.6, 0.5, 0.4, 0.3]}\'')
     p.add_argument("--texts", type=int, default=3, help="natural texts for KL / top-1 / greedy match")
     p.add_argument("--tasks", nargs="*", default=["niah_single", "niah_multikey", "passkey", "hard_needle"],
-                   choices=D.TASKS, help="accuracy tasks (none: fidelity only)")
+                   choices=D.ALL_TASKS, help="accuracy tasks (none: fidelity only)")
+    p.add_argument("--suite", default=None,
+                   help="run benchmarks.accuracy on this named suite (SUITES there) instead of the sweep below")
+    p.add_argument("--per-task", type=int, default=None, help="with --suite: samples per task (default there: 24 in all)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/tune.json")
@@ -93,8 +102,28 @@ def parse_args(argv=None):
     return a
 
 
+def suite_argv(args) -> list[str]:
+    """The `benchmarks.accuracy` command line of a `--suite` run."""
+    argv = ["--model", args.model, "--length", str(args.length), "--suite", args.suite,
+            "--threads", str(args.threads), "--configs", *args.configs]
+    if args.per_task is not None:
+        argv += ["--per-task", str(args.per_task)]
+    for item in args.set:
+        argv += ["--set", item]
+    if "--texts" in (sys.argv if args.argv is None else args.argv):
+        argv += ["--texts", str(args.texts)]
+    if args.out != "results/tune.json":
+        argv += ["--out", args.out]
+    return argv
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = argv
+    if args.suite:
+        from . import accuracy
+
+        return accuracy.main(suite_argv(args))
     setup_process(args.threads)
     import spts_compile
     from .run import prompt_tokens
