@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy --model smollm2 --length 4096 --dense-only            # dense per task
     python -m benchmarks.accuracy --table benchmarks/measured/accuracy-dense-*.json      # their table
     python -m benchmarks.accuracy --table-json benchmarks/measured/accuracy-dense-*.json # ... as JSON
-    python -m benchmarks.accuracy --model smollm2 --length 4096 --configs preset sel_once \\
+    python -m benchmarks.accuracy --suite smollm2 --configs preset sel_once \\
         --set 'wide={"budgets": [0.5, 0.375, 0.25, 0.1875]}' --out results/acc-smollm2-4k.json
 
 Samples: each task of the suite (`--suite`, default the model's entry in `SUITES`, or `--tasks`) at
@@ -47,8 +47,8 @@ from .harness import Variant, fidelity, generate_once, ids_hash, make_variant, p
 #   0.89-1.00); nothing else was run on it (budget: 30 prompts of ~1 min).
 # - smollm2 at 4096: magic_number 22/24 (0.74-0.98) is the only task >= 80%. Dropped: niah_single 9/12
 #   (the San Francisco needle half fails: "to not give information"), niah_multikey 6/12 (answers another
-#   city's number), hard_needle 1/3, passkey 0/2, secret_code 0/2, word_pair 0/2, kv_retrieval 0/2,
-#   niah_multivalue 0/2 (the last six stopped once 80% was out of reach).
+#   city's number), hard_needle 1/3, passkey 0/6, secret_code 0/6, word_pair 0/2, kv_retrieval 0/2,
+#   niah_multivalue 0/2 (n < 8: stopped once 80% was out of reach).
 # - smollm2 at 8128 ("8K"): magic_number 15/24 (0.43-0.79): no task; SmolLM2 cannot judge at 8K.
 # - smollm2 at 2048: niah_single 23/24 (0.80-0.99); niah_multikey 5/7, hard_needle 1/3, passkey,
 #   secret_code, word_pair 0/2.
@@ -57,6 +57,8 @@ SUITES: dict[str, list[str]] = {
     "smollm2": ["magic_number"],                                            # chosen at 4K
     "smollm2-2k": ["niah_single"],                                          # chosen at 2K
 }
+SUITE_LENGTHS = {"qwen05": 4096, "smollm2": 4096, "smollm2-2k": 2048}   # the default --length of each
+SUITE_MODELS = {"qwen05": "qwen05", "smollm2": "smollm2", "smollm2-2k": "smollm2"}  # the model each was chosen on
 
 DEFAULT_CACHE = "benchmarks/measured/dense-answers.jsonl"
 DEFAULT_FIDELITY_CACHE = "results/accuracy-cache"
@@ -161,8 +163,10 @@ def fidelity_summary(fid: list[dict], kinds: list[str]) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 | qwen05 | gemma3 | a local model folder or .gguf")
-    p.add_argument("--length", type=int, default=4096, help="prompt tokens (shortened to stay 64 inside the model's positions)")
+    p.add_argument("--model", default=None,
+                   help="smollm2 | qwen05 | gemma3 | a local model folder or .gguf (default: the suite's, else smollm2)")
+    p.add_argument("--length", type=int, default=None,
+                   help="prompt tokens, shortened to stay 64 inside the model's positions (default: the suite's, else 4096)")
     p.add_argument("--suite", help=f"a named task list from SUITES {list(SUITES)} (default: the model's, if any)")
     p.add_argument("--tasks", nargs="+", choices=D.ALL_TASKS, help="tasks (instead of --suite)")
     p.add_argument("--per-task", type=int, default=None,
@@ -180,6 +184,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="result JSON (default results/accuracy-MODEL-LEN[-dense].json)")
     a = p.parse_args(argv)
+    if a.model is None:
+        a.model = SUITE_MODELS.get(a.suite, "smollm2")
+    elif a.suite in SUITE_MODELS and SUITE_MODELS[a.suite] != a.model:
+        p.error(f"suite {a.suite!r} was chosen on {SUITE_MODELS[a.suite]}, not {a.model}; give --tasks for another model")
     if a.tasks is None:
         name = a.suite or (a.model if a.model in SUITES else None)
         if name is None or name not in SUITES:
@@ -187,6 +195,8 @@ def parse_args(argv=None):
         if not SUITES[name]:
             p.error(f"suite {name!r} is empty; give --tasks")
         a.tasks, a.suite = list(SUITES[name]), name
+    if a.length is None:
+        a.length = SUITE_LENGTHS.get(a.suite, 4096)
     if a.per_task is None:
         a.per_task = max(6, -(-24 // len(a.tasks)))
     from .tune import CANDIDATES

@@ -103,17 +103,16 @@ def parse_args(argv=None):
 
 
 def suite_argv(args) -> list[str]:
-    """The `benchmarks.accuracy` command line of a `--suite` run."""
-    argv = ["--model", args.model, "--length", str(args.length), "--suite", args.suite,
-            "--threads", str(args.threads), "--configs", *args.configs]
-    if args.per_task is not None:
-        argv += ["--per-task", str(args.per_task)]
+    """The `benchmarks.accuracy` command line of a `--suite` run: the suite's own model and length unless
+    --model / --length are given."""
+    given = set(a.split("=")[0] for a in (sys.argv[1:] if args.argv is None else args.argv))
+    argv = ["--suite", args.suite, "--threads", str(args.threads), "--configs", *args.configs]
+    for flag, value in (("--model", args.model), ("--length", args.length), ("--texts", args.texts),
+                        ("--per-task", args.per_task), ("--out", args.out)):
+        if flag in given:
+            argv += [flag, str(value)]
     for item in args.set:
         argv += ["--set", item]
-    if "--texts" in (sys.argv if args.argv is None else args.argv):
-        argv += ["--texts", str(args.texts)]
-    if args.out != "results/tune.json":
-        argv += ["--out", args.out]
     return argv
 
 
