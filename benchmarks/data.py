@@ -463,17 +463,18 @@ def depth_for_index(index: int, lo: float = 0.1, hi: float = 0.9) -> float:
 def make_sample(tok, task: str, length: int, index: int, seed: int = 0) -> Sample:
     """Sample `index` of `task` at `length` tokens: reproducible from (task, length, index, seed) alone.
     Depth tasks put their needle at `depth_for_index(index)`; the others draw their layout from the seed."""
-    depth = depth_for_index(index)
-    makers = {"niah_single": niah_single, "passkey": passkey, "kv_retrieval": kv_retrieval,
-              "secret_code": secret_code, "word_pair": word_pair, "magic_number": magic_number}
-    if task in makers:
+    return _make(tok, task, length, depth_for_index(index), index, seed)
+
+
+def _make(tok, task: str, length: int, depth: float, index: int, seed: int) -> Sample:
+    """The one dispatch from a task name to its builder; `depth` is ignored by tasks with their own layout."""
+    if task in DEPTH_TASKS:
+        makers = {"niah_single": niah_single, "passkey": passkey, "kv_retrieval": kv_retrieval,
+                  "secret_code": secret_code, "word_pair": word_pair, "magic_number": magic_number}
         return makers[task](tok, length, depth, index=index, seed=seed)
-    if task == "niah_multikey":
-        return niah_multikey(tok, length, index=index, seed=seed)
-    if task == "niah_multivalue":
-        return niah_multivalue(tok, length, index=index, seed=seed)
-    if task == "hard_needle":
-        return hard_needle(tok, length, index=index, seed=seed)
+    layouts = {"niah_multikey": niah_multikey, "niah_multivalue": niah_multivalue, "hard_needle": hard_needle}
+    if task in layouts:
+        return layouts[task](tok, length, index=index, seed=seed)
     raise ValueError(f"unknown task {task!r}; valid: {ALL_TASKS}")
 
 
@@ -486,26 +487,7 @@ def build_suite(tok, lengths: list[int], depths=(0.1, 0.5, 0.9), per_task: int |
         for task in tasks:
             samples = []
             for i, d in enumerate(depths):
-                if task == "niah_single":
-                    samples.append(niah_single(tok, length, d, index=i, seed=seed))
-                elif task == "passkey":
-                    samples.append(passkey(tok, length, d, index=i, seed=seed))
-                elif task == "kv_retrieval":
-                    samples.append(kv_retrieval(tok, length, d, index=i, seed=seed))
-                elif task == "niah_multikey":
-                    samples.append(niah_multikey(tok, length, index=i, seed=seed))
-                elif task == "niah_multivalue":
-                    samples.append(niah_multivalue(tok, length, index=i, seed=seed))
-                elif task == "hard_needle":
-                    samples.append(hard_needle(tok, length, index=i, seed=seed))
-                elif task == "secret_code":
-                    samples.append(secret_code(tok, length, d, index=i, seed=seed))
-                elif task == "word_pair":
-                    samples.append(word_pair(tok, length, d, index=i, seed=seed))
-                elif task == "magic_number":
-                    samples.append(magic_number(tok, length, d, index=i, seed=seed))
-                else:
-                    raise ValueError(f"unknown task {task!r}; valid: {ALL_TASKS}")
+                samples.append(_make(tok, task, length, d, i, seed))
                 if per_task is not None and len(samples) >= per_task:
                     break
             out.extend(samples)
