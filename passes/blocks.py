@@ -84,10 +84,10 @@ class AttentionArgs:
     head_dim: int
     scale: Any
 
-    def probe(self, xn, cand, last, probe_queries: int, heads: str = "mean") -> tuple:
+    def probe(self, xn, cand, last, probe_queries: int, heads: str = "mean", real=None) -> tuple:
         """`runtime.probe_attention`"""
         return (xn, cand, last, self.cos, self.sin, self.mask, self.wq, self.bq, self.wk, self.bk, self.q_norm,
-                self.k_norm, self.head_dim, self.scale, probe_queries, heads)
+                self.k_norm, self.head_dim, self.scale, probe_queries, heads, real)
 
     def values(self, xn) -> tuple:
         """`runtime.project_heads` for V (every candidate's, for a cache that keeps them all)"""

@@ -158,7 +158,7 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, plan: Plan, cfg, state
     # ---- attention (PAP) ------------------------------------------------------------------------------
     xn = b("attn_norm", rt.norm_apply, x, a.norm)
     # The probe's K rows feed the attention in every case; its scores feed PAP, LTP and the prune.
-    probe = b("probe", rt.probe_attention, *a.probe(xn, cand, last, schedule.probe_queries, schedule.heads))
+    probe = b("probe", rt.probe_attention, *a.probe(xn, cand, last, schedule.probe_queries, schedule.heads, state.real))
     k_all = b.item(probe, 0, "probe_k")
     ctx = LayerContext(layer=spec.index, x=x, cand=cand, seed=cfg.seed, probe_scores=b.item(probe, 1, "probe_score"),
                        ffn_act=f.act, real=state.real, pap=schedule.pap)
@@ -215,7 +215,8 @@ def _rewrite_layer_keep_set(b, gm, spec, lp, plan: Plan, cfg, state: Stream, pro
     x, cand, last = state.x, state.cand, state.last
     if plan.selector.rescores(spec.index, schedule, first):
         xn0 = b("attn_norm0", rt.norm_apply, x, a.norm)
-        probe = b("probe", rt.probe_attention, *a.probe(xn0, cand, last, schedule.probe_queries, schedule.heads))
+        probe = b("probe", rt.probe_attention, *a.probe(xn0, cand, last, schedule.probe_queries, schedule.heads,
+                                                         state.real))
         state.kept_scores = _forced(b, state, _smoothed(b, schedule, b.item(probe, 1, "probe_score")), "once")
     keep = b("select_once", rt.select_active, state.kept_scores, last, lp.budget, state.n_ref)
     base = b("once_before", rt.scatter_rows, state.base, cand, x) if state.base is not None else x

@@ -134,7 +134,9 @@ def summary(record) -> dict:
         s = record.schedule
         out["schedule"] = {"preset": s.preset, "start_layer": s.start_layer, "stage_ends": s.stage_ends,
                            "budgets": s.budgets, "prune": s.prune, "pap": s.pap, "ltp": s.ltp, "msdp": s.msdp,
-                           "probe_queries": s.probe_queries, "min_tokens": s.min_tokens}
+                           "probe_queries": s.probe_queries, "heads": s.heads, "pool": s.pool,
+                           "pool_kind": s.pool_kind, "sink": s.sink, "window": s.window, "kv_cache": s.kv_cache,
+                           "min_tokens": s.min_tokens}
     if record.plan is not None:
         dense, planned = record.plan.totals()
         kv_dense, kv_planned = record.plan.kv_totals()

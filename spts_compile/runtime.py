@@ -131,10 +131,11 @@ def _bias_from_mask(m: torch.Tensor, dtype) -> torch.Tensor:
 # PAP: probe, select, attend on active rows
 # ---------------------------------------------------------------------------------------------
 def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_norm,
-                    head_dim: int, scale, probe_queries: int, heads: str = "mean"):
+                    head_dim: int, scale, probe_queries: int, heads: str = "mean", real=None):
     """Post-RoPE K for every candidate and the PAP score S_mha [B, C] of each candidate: the softmax
-    weight the last real token's query (or the last `probe_queries` ones) gives it, aggregated over heads
-    as `head_scores` says."""
+    weight the last real token's query (or the last `probe_queries` ones) gives it, averaged over the probe
+    rows and aggregated over heads as `head_scores` says. With `real` ([B, C], a padded batch) probe rows that
+    are padding are left out of the average (all of them if a row has no real probe row)."""
     b, c = xn.shape[0], xn.shape[1]
     k = project_heads(xn, wk, bk, head_dim, k_norm)
     k = apply_rope(k, gather_rows(cos, cand), gather_rows(sin, cand))
@@ -155,28 +156,36 @@ def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_
     else:  # plain causal: candidate j is visible to probe row i iff j <= i (candidates are sorted)
         visible = torch.arange(c, device=xn.device).view(1, 1, 1, 1, c) <= probe_idx.view(b, 1, 1, -1, 1)
         logits = logits.masked_fill(~visible, float("-inf"))
-    return k, head_scores(torch.softmax(logits, dim=-1), heads)
+    probs = torch.softmax(logits, dim=-1)
+    if real is None:
+        rows = probs.mean(dim=3)
+    else:
+        use = real.gather(1, probe_idx)                                               # [B, P]
+        use = use | ~use.any(dim=1, keepdim=True)
+        use = use.view(b, 1, 1, probe_queries, 1)
+        rows = torch.where(use, probs, 0.0).sum(dim=3) / use.sum(dim=3).to(probs.dtype)
+    return k, head_scores(rows, heads)
 
 
 def head_scores(probs: torch.Tensor, heads: str) -> torch.Tensor:
-    """[B, C] from the probe's softmax weights [B, Hkv, Hq/Hkv, P, C]. "mean": over heads and probe rows (the
-    paper). "max": the mean over probe rows, then the largest over query heads. "kv_union": each KV group (its
-    query heads and probe rows averaged) ranks the candidates; a candidate's score is C minus its best rank in
-    any group, plus its mean score (< 1) to order equal ranks: top-M then takes each group's first choices in
-    turn, the union of per-KV-head top lists."""
+    """[B, C] from the probe's softmax weights averaged over probe rows, [B, Hkv, Hq/Hkv, C]. "mean": over
+    heads (the paper). "max": the largest query head. "kv_union": each KV group (its query heads averaged)
+    ranks the candidates; a candidate's score is C minus its best rank in any group, plus its mean score (< 1)
+    to order equal ranks: top-M then takes each group's first choices in turn, the union of per-KV-head top
+    lists."""
     if heads == "mean":
-        return probs.mean(dim=(1, 2, 3))
+        return probs.mean(dim=(1, 2))
     if heads == "max":
-        return probs.mean(dim=3).amax(dim=(1, 2))
+        return probs.amax(dim=(1, 2))
     if heads == "kv_union":
-        group = probs.mean(dim=(2, 3))                                                # [B, G, C]
+        group = probs.mean(dim=2)                                                     # [B, G, C]
         c = group.shape[-1]
         # rank 0 = the group's highest score; among equal scores the later candidate ranks first
         order = torch.sort(group.flip(-1), dim=-1, descending=True, stable=True).indices
         order = c - 1 - order
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(c, device=probs.device).expand_as(order))
         best = ranks.amin(dim=1)                                                      # [B, C]
-        return (c - best).to(torch.float32) + probs.mean(dim=(1, 2, 3))
+        return (c - best).to(torch.float32) + probs.mean(dim=(1, 2))
     raise ValueError(f"spts: unknown head aggregation {heads!r}")
 
 

@@ -25,6 +25,9 @@ class Selector:
     name = ""
     keeps_set = False
     uses_proxy = False
+    # How the probe scores when the options leave it unset: the paper's single last-token query, the mean over
+    # heads, no smoothing. Every key of SPTSConfig's scoring fields (probe_queries, heads, pool, pool_kind).
+    defaults = dict(probe_queries=1, heads="mean", pool=1, pool_kind="avg")
 
     # -- the rewrite: which nodes a skipping layer's selection emits (`ctx`: rewrite.LayerContext) ---------
     def attn_scores(self, b, ctx):
@@ -95,6 +98,9 @@ class KeepSetSelector(Selector):
     first layer of each later stage ("stage")."""
 
     keeps_set = True
+    # Retrieval-safe scoring (README "The default and the paper"): the last 64 tokens' queries (the question),
+    # the largest weight any head gives, max-pooled over 25 neighbours so that a needle is kept whole.
+    defaults = dict(probe_queries=64, heads="max", pool=25, pool_kind="max")
 
     def __init__(self, name: str, every_stage: bool):
         self.name, self.every_stage = name, every_stage

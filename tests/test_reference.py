@@ -35,13 +35,13 @@ def models():
 
 def dense_schedule(**kw):
     """Every SPTS feature on, but every budget >= N and no pruning: must equal the dense model."""
-    args = dict(start_layer=1, stage_ends=[1, 2], budgets=[1000, 1.0], prune=0, min_tokens=1)
+    args = dict(start_layer=1, stage_ends=[1, 2], budgets=[1000, 1.0], prune=0, min_tokens=1, selector="probe")
     args.update(kw)
     return SPTSConfig(**args).resolve(4)
 
 
 def skip_schedule(**kw):
-    args = dict(start_layer=1, stage_ends=[1, 2], budgets=[12, 8], prune=2, min_tokens=1)
+    args = dict(start_layer=1, stage_ends=[1, 2], budgets=[12, 8], prune=2, min_tokens=1, selector="probe")
     args.update(kw)
     return SPTSConfig(**args).resolve(4)
 

@@ -21,7 +21,9 @@ def test_registry_lists_every_built_in_and_the_registered_toy():
     assert {"probe", "recent", "norm", "random", "once", "stage", "toy_mod3"} <= set(selectors.names())
     assert selectors.get("toy_mod3") is toy_selector.TOY
     assert SPTSConfig(selector="toy_mod3").selector == "toy_mod3"
-    assert "toy_mod3" in selectors.baselines() and "probe" not in selectors.baselines()
+    default = SPTSConfig().selector
+    assert "toy_mod3" in selectors.baselines() and default not in selectors.baselines()
+    assert set(selectors.baselines()) | {default} == set(selectors.names())
 
 
 def test_unregistered_selector_is_a_value_error_listing_the_registered_ones():
@@ -77,3 +79,20 @@ def test_recent_baseline_matches_a_reference_that_keeps_the_latest_tokens():
         torch.testing.assert_close(out.logits[b, real], ref["logits"][b, real], atol=1e-4, rtol=1e-5)
     kept = {(r["layer"], r["block"]): r["active"] for r in spts_compile.recorded_selection()}
     assert kept[(1, "attn")][0].tolist() == list(range(40 - 16, 40))
+
+
+def test_scoring_left_unset_takes_the_selectors_defaults_and_given_values_win():
+    """probe_queries/heads/pool/pool_kind = None resolve per selector: the paper's scoring for probe and the
+    score selectors, the retrieval-safe scoring for the keep-set modes; a value the user gives is kept."""
+    def scoring(**kw):
+        s = SPTSConfig(**kw).resolve(30)
+        return s.probe_queries, s.heads, s.pool, s.pool_kind
+
+    assert SPTSConfig().selector == "stage"
+    assert scoring() == scoring(selector="stage") == scoring(selector="once") == (64, "max", 25, "max")
+    assert scoring(selector="probe") == scoring(selector="recent") == (1, "mean", 1, "avg")
+    assert scoring(selector="toy_mod3") == (1, "mean", 1, "avg")
+    assert scoring(selector="probe", pool=7, heads="kv_union") == (1, "kv_union", 7, "avg")
+    assert scoring(probe_queries=1, pool_kind="avg") == (1, "max", 25, "avg")
+    with pytest.raises(ValueError, match="pool"):
+        SPTSConfig(pool=4)
