@@ -37,8 +37,9 @@ from spts_compile import selectors  # noqa: E402
 
 # Candidate schedules (options for the backend; unset fields come from the preset for the model's depth).
 # Layer indices are written for SmolLM2's 30 layers. "CALIBRATION" stands for the cached pydoc calibration.
-# The default preset for 30 layers is `preset`: start 12, ends 15/19/23/27, budgets 0.375/0.25/0.1875/0.125
-# of N, prune N/32; `early` is the paper's Llama schedule scaled by depth alone (the first generic preset).
+# The default preset for 30 layers is `preset`: selector stage, start 12, ends 15/19/23/27, budgets
+# 0.25/0.125/0.09375/0.0625 of N (until session 5: selector probe and 0.375/0.25/0.1875/0.125, which `X` scales);
+# `early` is the paper's Llama schedule scaled by depth alone (the first generic preset).
 EARLY = dict(start_layer=9, stage_ends=[12, 16, 21, 26])
 X = lambda f: dict(budgets=[0.375 * f, 0.25 * f, 0.1875 * f, 0.125 * f])  # noqa: E731
 CAL = dict(calibration="CALIBRATION")
