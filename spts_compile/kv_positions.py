@@ -11,12 +11,16 @@ positions), while the model's own decode mask assumes every layer holds every po
   A K tensor made outside a model call (beam search's `index_select`, `repeat_interleave`, a deep copy) is
   recognised row by row from its newest entry, which it copies exactly; anything else that does not fit a
   dense cache raises `CompactedCacheError`.
-- **The mask op.** Decode and continuation graphs call `spts::decode_mask` in place of each attention's
-  mask. During a call whose cache is compacted, the runner publishes every layer's positions in a call
-  context; the op builds the layer's mask from them: the key at position p is visible from the query at
-  position t iff p <= t, p is a real token (2D attention mask), and on sliding layers t - p < window. With no
-  context (a dense cache) the op returns the model's own mask, so dense decoding is exactly Hugging Face's.
-  The op is opaque to Dynamo/Inductor; its fake impl gives the shape [B, 1, q, L + q] from its inputs.
+- **The mask op.** transformers' "sdpa" and "eager" attention functions are wrapped
+  (`install_attention_masks`, at import) so that an attention that reads a cache (more keys than queries)
+  passes its mask through `spts::layer_mask`. This has to happen while Dynamo traces the model: the model's
+  one mask does not even broadcast against a shorter layer's keys, so the trace itself would fail. During a
+  call whose cache is compacted, the runner publishes every layer's positions, the call's 2D attention mask
+  and the windows in a call context; the op builds the layer's mask from them: the key at position p is
+  visible from the query at position t iff p <= t, p is a real token, and on sliding layers t - p < window.
+  With no context (a dense cache) the op returns the model's own mask, so dense decoding is exactly Hugging
+  Face's, and it raises when that cache is one an SPTS prefill compacted (recognised from its newest row).
+  The op is opaque to Dynamo/Inductor; its fake impl gives the shape [B, 1|H, q, L + q] from its inputs.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
