@@ -81,6 +81,23 @@ class AttentionSpec:
     k_out: Node | None       # the KV-cache outputs this layer writes
     v_out: Node | None
     core: Node | None = None  # the sdpa node (for the dense clean-up)
+    cache: "CacheIO | None" = None  # how the layer reads and writes its KV cache (None: no cache)
+
+
+@dataclass
+class CacheIO:
+    """A layer's KV-cache traffic: the past K/V it reads (graph inputs, on a filled cache), the new K rows it
+    appends, and, for a sliding-window cache, how many of the newest rows the cache keeps (`keep`)."""
+
+    k_past: Node | None = None   # placeholder [B, Hkv, L, hd]
+    v_past: Node | None = None
+    k_new: Node | None = None    # [B, Hkv, q, hd], after RoPE
+    keep: int | None = None      # the cache keeps its last `keep` rows (sliding window - 1); None: all
+
+    @property
+    def window(self) -> int:
+        """The layer's sliding window as its cache shows it (0: none)."""
+        return 0 if self.keep is None else self.keep + 1
 
 
 @dataclass
@@ -295,6 +312,7 @@ def _match_attention(gm, regions, family: Family) -> tuple[AttentionSpec, str]:
     kind, core, scale, mask = _attention_core(region)
     cos, sin = _rope_inputs(region, set(_param_like(region)) | {xn, mask})
     cache, k_out, v_out = _cache_outputs(gm, region, _node_of(lins["k_proj"]), _node_of(lins["v_proj"]), core)
+    cache_io = _cache_io(region, _node_of(lins["k_proj"]), _node_of(lins["v_proj"]), k_out, v_out)
     o_node = lins["o_proj"]
     post_norm = _norm_fed_by(regions, children, o_node, family)
     attn_out = _through_identity(post_norm.out if post_norm else o_node)
@@ -304,7 +322,8 @@ def _match_attention(gm, regions, family: Family) -> tuple[AttentionSpec, str]:
     spec = AttentionSpec(kind=kind, norm=norm, wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo,
                          q_norm=q_norm, k_norm=k_norm, post_norm=post_norm, head_dim=head_dim,
                          n_heads=n_heads, n_kv_heads=n_kv, hidden=hidden, scale=scale, cos=cos,
-                         sin=sin, mask=mask, x_in=norm.x, out=residual, k_out=k_out, v_out=v_out, core=core)
+                         sin=sin, mask=mask, x_in=norm.x, out=residual, k_out=k_out, v_out=v_out, core=core,
+                         cache=cache_io)
     return spec, cache
 
 
@@ -412,9 +431,17 @@ def _outside(node, inside: set):
     while isinstance(node, Node) and node in inside:
         if is_call(node, {operator.getitem}) or is_method(node, "__getitem__", "to", "contiguous"):
             node = node.args[0]
+        elif is_layer_mask(node):   # the layer's own mask on a cache (spts_compile.kv_positions)
+            node = node.args[1]
         else:
             raise Unmatched("attention: the mask is built inside the attention module")
     return node
+
+
+def is_layer_mask(node) -> bool:
+    import spts_compile.kv_positions  # noqa: F401  (registers the op)
+    return isinstance(node, Node) and node.op == "call_function" and \
+        node.target in (torch.ops.spts.layer_mask.default, torch.ops.spts.layer_mask)
 
 
 def _rope_inputs(region: list[Node], exclude: set) -> tuple[Node, Node]:
@@ -463,6 +490,42 @@ def _cache_outputs(gm, region, k_lin: Node, v_lin: Node, core: Node):
         # A sliding-window cache keeps a crop of what attention used: its layout is tied to positions.
         return "window", k_out, v_out
     return ("fresh" if k_out is not None else "none"), k_out, v_out
+
+
+def _cache_io(region, k_lin: Node, v_lin: Node, k_out, v_out) -> CacheIO | None:
+    """The past K/V inputs (the placeholders a filled cache concatenates the new rows to) and the tail a
+    sliding-window cache keeps (`k_out = cat(...)[:, :, -keep:]`)."""
+    if k_out is None:
+        return None
+    io = CacheIO()
+    for n in region:
+        if not is_call(n, {torch.cat}) or not isinstance(n.args[0], (list, tuple)) or len(n.args[0]) != 2:
+            continue
+        past, new = n.args[0]
+        if isinstance(past, Node) and past.op == "placeholder" and isinstance(new, Node):
+            anc = ancestors(n)
+            if k_lin in anc and v_lin not in anc:
+                io.k_past, io.k_new = past, new
+            elif v_lin in anc and k_lin not in anc:
+                io.v_past = past
+    io.keep = _kept_tail(k_out)
+    if io.keep != _kept_tail(v_out):
+        raise Unmatched("attention: the K and V caches keep different rows")
+    return io
+
+
+def _kept_tail(out: Node | None) -> int | None:
+    """`keep` when `out` is `x[:, :, -keep:, ...]` (a sliding-window cache); None when it is not a slice."""
+    if out is None or not (is_call(out, {operator.getitem}) or is_method(out, "__getitem__")):
+        return None
+    idx = out.args[1]
+    if not isinstance(idx, tuple) or len(idx) < 3 or not isinstance(idx[2], slice):
+        raise Unmatched("attention: the KV cache output is a slice this backend does not know")
+    sl = idx[2]
+    rest_full = all(isinstance(i, slice) and i == slice(None) for i in idx[:2] + idx[3:])
+    if not rest_full or sl.stop is not None or sl.step is not None or not isinstance(sl.start, int) or sl.start >= 0:
+        raise Unmatched("attention: the KV cache output is a slice other than its newest rows")
+    return -sl.start
 
 
 # ------------------------------------------------------------------------------------------------

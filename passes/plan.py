@@ -81,8 +81,8 @@ class Gate:
 
 
 def gate(analysis: GraphAnalysis, schedule: Schedule, cfg) -> Gate:
-    """Only a prefill skips, of at least min_tokens (when the length is static), with options that skip,
-    and without a sliding-window KV cache (whose layout SPTS cannot compact)."""
+    """Only a prefill skips, of at least min_tokens (when the length is static), with options that skip. A
+    sliding-window cache keeps the newest rows of the layer's kept tokens (rewrite._cache_rows)."""
     static_n = analysis.seq_len if isinstance(analysis.seq_len, int) else None
     if analysis.kind != "prefill":
         return Gate(False, analysis.reason)
@@ -90,9 +90,6 @@ def gate(analysis: GraphAnalysis, schedule: Schedule, cfg) -> Gate:
         return Gate(False)
     if static_n is not None and static_n < schedule.min_tokens:
         return Gate(False, f"prompt of {static_n} tokens is shorter than min_tokens={schedule.min_tokens}: dense")
-    if any(l.cache == "window" for l in analysis.layers if l.matched):
-        return Gate(False, "the KV cache has sliding-window layers, whose cache layout SPTS cannot compact: "
-                           "this prefill runs dense (pass use_cache=False for a skipping prefill-only pass)", warn=True)
     return Gate(True)
 
 

@@ -34,9 +34,11 @@ class RewriteResult:
     record_names: list[tuple[int, str]]   # (layer, block) of each extra output appended for recording
     proxy_buffers: dict[int, list[int]]   # layer -> positions of its LTP proxy tensors in extra_inputs
     extra_inputs: list = None             # tensors appended to the graph's inputs (the LTP proxies)
+    kv_layers: list = None                # layers whose cache positions are appended as outputs, in order
 
     def __post_init__(self):
         self.extra_inputs = [] if self.extra_inputs is None else self.extra_inputs
+        self.kv_layers = [] if self.kv_layers is None else self.kv_layers
 
 
 class _Builder:
@@ -105,23 +107,41 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
     state = Stream(x=first.attn.x_in, cand=n_ref, last=last_pos, n_ref=n_ref, last_pos=last_pos, real=real,
                    forced=forced)
     records: list[Node] = []
+    kv_positions: list[Node] = []
     emit = _rewrite_layer_keep_set if plan.selector.keeps_set else _rewrite_layer
     for spec, lp in pairs:
         with graph.inserting_before(spec.ffn.out):
             b = _Builder(graph, spec.index)
             full, kv = emit(b, gm, spec, lp, plan, cfg, state, proxies, result, records, first.index)
+            if spec.attn.k_out is not None:
+                kv = _cache_rows(b, spec, *kv)
         spec.ffn.out.replace_all_uses_with(full)
         if spec.attn.k_out is not None:
             output.replace_input_with(spec.attn.k_out, kv[0])
             output.replace_input_with(spec.attn.v_out, kv[1])
+            spec.attn.k_out, spec.attn.v_out = kv[0], kv[1]
+            kv_positions.append(kv[2])
+            result.kv_layers.append(spec.index)
         result.rewritten_layers.append(spec.index)
-    if records:
+    extra = records + kv_positions
+    if extra:
         outs = output.args[0]
-        output.args = ((*outs, *records),) if isinstance(outs, (tuple, list)) else ((outs, *records),)
+        output.args = ((*outs, *extra),) if isinstance(outs, (tuple, list)) else ((outs, *extra),)
     eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
     return result
+
+
+def _cache_rows(b, spec: LayerSpec, k, v, pos):
+    """What the layer's cache keeps: its K/V rows and their original positions [B, M], cut to the newest
+    `keep` rows on a sliding-window cache (the rows a later query can still see are among them: the kept
+    positions are sorted)."""
+    keep = spec.attn.cache.keep if spec.attn.cache is not None else None
+    if keep is None:
+        return k, v, pos
+    return (b("cache_k", rt.newest_rows, k, 2, keep), b("cache_v", rt.newest_rows, v, 2, keep),
+            b("cache_pos", rt.newest_rows, pos, 1, keep))
 
 
 def _record(b, cfg, records, result, layer: int, block: str, fn, *args) -> None:
@@ -175,8 +195,10 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, plan: Plan, cfg, state
         xa = xn
     attn = b("attend", rt.attend_active, *a.attend(xa, act, cand, k_all, v_all))
     delta, k_act, v_act = (b.item(attn, i, n) for i, n in enumerate(("attn_out", "k_active", "v_active")))
+    kv_pos = None
     if v_all is not None:   # the cache keeps every candidate's K/V, at their original positions
         k_act, v_act = k_all, v_all
+        kv_pos = cand
     h = b("scatter", rt.scatter_add_rows, x, act, delta)
     _record(b, cfg, records, result, spec.index, "attn", torch.gather, cand, 1, act)
     # ---- FFN (LTP) ------------------------------------------------------------------------------------
@@ -204,7 +226,9 @@ def _rewrite_layer(b, gm, spec: LayerSpec, lp: LayerPlan, plan: Plan, cfg, state
         state.last = b("prune_last", rt.locate_in_candidates, state.cand, state.last_pos)
     else:
         state.x = y
-    return full, (k_act, v_act)
+    if kv_pos is None and spec.attn.k_out is not None:
+        kv_pos = b("kv_positions", torch.gather, cand, 1, act)
+    return full, (k_act, v_act, kv_pos)
 
 
 def _rewrite_layer_keep_set(b, gm, spec, lp, plan: Plan, cfg, state: Stream, proxies, result, records, first: int):
@@ -237,7 +261,7 @@ def _rewrite_layer_keep_set(b, gm, spec, lp, plan: Plan, cfg, state: Stream, pro
     y = b("ffn_residual", torch.add, h, b("ffn", rt.ffn_rows, *f.ffn(hn)))
     state.x, state.cand, state.last = y, cand, last
     full = b("restore", rt.scatter_rows, base, cand, y)
-    return full, (b.item(attn, 1, "k_active"), b.item(attn, 2, "v_active"))
+    return full, (b.item(attn, 1, "k_active"), b.item(attn, 2, "v_active"), cand)
 
 
 def _proxy_nodes(gm: GraphModule, b, layer: int, tensors, result) -> list[Node]:

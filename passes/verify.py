@@ -110,6 +110,9 @@ def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[
     problems = [_close(h, values[a.out], f"layer {spec.index} attention"),
                 _close(h_all, values[a.out], f"layer {spec.index} attention (dense form)")]
     if a.k_out is not None:
+        keep = a.cache.keep if a.cache is not None else None
+        if keep is not None:   # a sliding-window cache keeps the newest rows
+            k_act, v_act, k_dense, v_dense = (rt.newest_rows(t, 2, keep) for t in (k_act, v_act, k_dense, v_dense))
         problems += [_close(k_act, values[a.k_out], f"layer {spec.index} K cache"),
                      _close(v_act, values[a.v_out], f"layer {spec.index} V cache"),
                      _close(k_dense, values[a.k_out], f"layer {spec.index} K cache (dense form)"),

@@ -7,10 +7,11 @@ Importing this package also registers the backend (the entry point does it witho
 from .config import SPTSConfig
 from .calibration import Calibration, calibrate
 from .backend import last_plan, recorded_selection, reset_warnings, spts_backend
+from .kv_positions import CompactedCacheError
 from . import selectors
 
 __all__ = ["SPTSConfig", "Calibration", "calibrate", "spts_backend", "last_plan", "recorded_selection",
-           "reset_warnings", "selectors"]
+           "reset_warnings", "selectors", "CompactedCacheError"]
 
 
 def _register() -> None:

@@ -19,15 +19,19 @@ from torch._inductor.compile_fx import compile_fx
 from . import proxies as ltp_proxies
 from . import report as reporting
 from .config import OptionError, SPTSConfig
-from .passes import cleanup, locate, plan as planning, rewrite as rewriting, verify as verifying
-from .runner import (LOSS_MESSAGE, PADDED_CACHE_MESSAGE, CompileRecord, LossError, PaddedCacheError, Runner,
-                     is_padded_batch, last_plan, recorded_selection)
+from . import kv_positions
+from .kv_positions import CompactedCacheError
+from .passes import cleanup, decode as decoding, locate, plan as planning, rewrite as rewriting, verify as verifying
+from .runner import LOSS_MESSAGE, CompileRecord, LossError, PaddedCacheError, Runner, is_padded_batch, last_plan, \
+    recorded_selection
 from .selectors import get as get_selector
 
 __all__ = ["spts_backend", "last_plan", "recorded_selection", "reset_warnings", "PaddedCacheError", "LossError",
-           "OptionError", "CompileRecord"]
+           "OptionError", "CompileRecord", "CompactedCacheError"]
 
 log = logging.getLogger("spts_compile")
+
+kv_positions.install_attention_masks()   # attention on a cache takes each layer's own mask (kv_positions)
 
 _warned: set[str] = set()
 _graph_ids = itertools.count(1)
@@ -55,7 +59,7 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
     work = _clone(gm)  # Dynamo reads its own graph after we return: never edit it in place
     try:
         runner = _compile(work, example_inputs, cfg, record, original=gm)
-    except (OptionError, PaddedCacheError, LossError, torch._dynamo.exc.TorchDynamoException):
+    except (OptionError, LossError, CompactedCacheError, torch._dynamo.exc.TorchDynamoException):
         raise  # the user's mistakes, refusals, and Dynamo's own control flow are not ours to swallow
     except Exception as e:  # never crash the user's model on an analysis problem: fall back to dense
         _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
@@ -75,6 +79,8 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     analysis = _analyse(gm, record)
     if analysis is None:
         return Runner(_inner_compile(cfg, original, example_inputs), record)
+    if analysis.kind in ("decode", "cached"):
+        return _compile_decode(gm, example_inputs, cfg, record, analysis, original)
     schedule = cfg.resolve(len(analysis.layers))
     record.schedule = schedule
     gate = planning.gate(analysis, schedule, cfg)
@@ -87,7 +93,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     plan = record.plan = planning.make_plan(analysis, schedule, first_skip, selector)
     compacts_cache = first_skip is not None and selector.compacts_cache(schedule) and \
         any(l.attn.k_out is not None for l in analysis.layers if l.matched)
-    _check_call(gm, example_inputs, analysis, schedule, first_skip, compacts_cache)
+    _check_call(gm, example_inputs, analysis, schedule, first_skip)
     _note_no_savings(plan, analysis, first_skip)
     params = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
     proxies, watched = {}, []
@@ -103,6 +109,19 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     if result is not None:
         record.rewritten_layers = result.rewritten_layers
     return _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm, compacts_cache)
+
+
+def _compile_decode(gm, example_inputs, cfg, record, analysis, original) -> Runner:
+    """A graph on a filled cache (decode step, next turn, chunked prefill) runs dense as it is; each layer's
+    attention takes its own mask through `spts::layer_mask` (kv_positions), which the runner feeds with the
+    positions each layer's cache holds (passes/decode.py finds the cache inputs and outputs)."""
+    layout = decoding.cache_layout(gm, analysis)
+    t = time.perf_counter()
+    compiled = _inner_compile(cfg, original, example_inputs)
+    record.inductor_seconds = time.perf_counter() - t
+    return Runner(compiled, record, seq_source=analysis.seq_source, cache=layout,
+                  rope_from_input=decoding.rope_from_input(gm, analysis),
+                  pad_index=_placeholder_index(gm, analysis.padding_mask))
 
 
 def _analyse(gm, record: CompileRecord):
@@ -143,17 +162,15 @@ def _first_skip(analysis, schedule, gate) -> int | None:
     return first
 
 
-def _check_call(gm, example_inputs, analysis, schedule, first_skip, compacts_cache) -> None:
-    """Refusals and warnings that depend on the call: a loss over skipped positions, a padded batch that would
-    keep a compacted cache."""
+def _check_call(gm, example_inputs, analysis, schedule, first_skip) -> None:
+    """Refusals and warnings that depend on the call: a loss over skipped positions, fractional budgets in a
+    padded batch."""
     if first_skip is not None and analysis.computes_loss:
         raise LossError(LOSS_MESSAGE)
     padded = is_padded_batch(_input_of(gm, example_inputs, analysis.padding_mask))
     if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
         _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
                    "row's selection depends on the batch's padding; give int budgets for row-independent results")
-    if compacts_cache and padded:
-        raise PaddedCacheError(PADDED_CACHE_MESSAGE)
 
 
 def _note_no_savings(plan, analysis, first_skip) -> None:
@@ -178,9 +195,9 @@ def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watc
             if cfg.causal_cleanup else []
         dense = _inner_compile(cfg, dense_gm if changed else original, example_inputs)
     record.inductor_seconds = time.perf_counter() - t
-    pad_index = _placeholder_index(gm, analysis.padding_mask) if compacts_cache else None
+    layout = decoding.cache_layout(gm, analysis) if result is not None and result.kv_layers else None
     return Runner(compiled, record, dense=dense, seq_source=analysis.seq_source, min_tokens=record.schedule.min_tokens,
-                  result=result, watched=watched, pad_index=pad_index)
+                  result=result, watched=watched, cache=layout)
 
 
 def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs):

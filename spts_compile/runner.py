@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from . import kv_positions
 from . import report as reporting
+from .kv_positions import CompactedCacheError
 from .passes.locate import GraphAnalysis
 
 log = logging.getLogger("spts_compile")
@@ -38,15 +40,8 @@ class CompileRecord:
     rewritten_layers: list[int] = field(default_factory=list)
 
 
-PADDED_CACHE_MESSAGE = (
-    "spts: a padded batch (batch > 1 with padding in attention_mask) cannot keep a KV cache for decoding: "
-    "each row keeps different tokens, while the decode step's mask assumes one length for every row. "
-    "Run it as batch 1 (one prompt at a time), pass use_cache=False for a prefill-only pass, or disable "
-    "cache compaction with options={'pap': False, 'msdp': False}.")
-
-
 class PaddedCacheError(ValueError):
-    """A padded batch asked for a compacted KV cache: refused, with how to run it instead."""
+    """Kept for compatibility: padded batches now keep a compacted cache and decode on it (nothing raises it)."""
 
 
 class LossError(ValueError):
@@ -66,34 +61,132 @@ def is_padded_batch(padding_mask) -> bool:
 
 
 class Runner:
-    """Runs one compiled graph: dispatches short prompts to the dense graph, refuses a padded batch that
-    would compact the cache, keeps the LTP proxies in step with the weights, and strips the
-    selection-recording outputs into `self.selection`."""
+    """Runs one compiled graph: dispatches short prompts to the dense graph, keeps the LTP proxies in step with
+    the weights, strips the selection-recording and cache-position outputs, and keeps the side table of which
+    positions each compacted cache holds (`kv_positions`): a prefill registers the caches it compacts, a
+    decode or continuation graph publishes them to its mask ops and registers the caches it writes."""
 
     def __init__(self, compiled, record: CompileRecord, *, dense=None, seq_source=None, min_tokens=1,
-                 result=None, watched=(), pad_index=None):
+                 result=None, watched=(), cache=None, rope_from_input=True, pad_index=None):
         self.compiled, self.dense, self.record = compiled, dense, record
-        self.seq_source, self.min_tokens, self.pad_index = seq_source, min_tokens, pad_index
+        self.seq_source, self.min_tokens = seq_source, min_tokens
         self.record_names = list(result.record_names) if result else []
+        self.kv_layers = list(result.kv_layers) if result else []
         self.extra = list(result.extra_inputs) if result else []
         self.buffers = {l: [self.extra[i] for i in pos] for l, pos in result.proxy_buffers.items()} if result else {}
         self.watched = list(watched)
+        self.cache = {c.layer: c for c in cache} if cache else {}   # layer -> passes.decode.LayerCache
+        self.reads_cache = any(c.k_in is not None for c in self.cache.values())
+        self.rope_from_input, self.pad_index = rope_from_input, pad_index
         self.selection: list[dict] | None = None
         _register(self)
 
     def __call__(self, *args):
         if self.dense is not None and self.seq_source is not None and args[self.seq_source].shape[1] < self.min_tokens:
+            _refuse_compacted(args)
             return self.dense(*args)
-        if self.pad_index is not None and is_padded_batch(args[self.pad_index]):
-            raise PaddedCacheError(PADDED_CACHE_MESSAGE)
+        if self.reads_cache:
+            return self._decode(args)
+        _refuse_compacted(args)
         self._refresh_proxies()
         out = self.compiled(*args, *self.extra)
-        if self.record_names:
-            n = len(self.record_names)
-            out, kept = list(out[:-n]), out[-n:]
-            self.selection = [{"layer": l, "block": blk, "active": t} for (l, blk), t in zip(self.record_names, kept)]
-            _REGISTRY["recorded"] = weakref.ref(self)
+        n_kv, n_rec = len(self.kv_layers), len(self.record_names)
+        if n_kv or n_rec:
+            out = list(out)
+            positions = out[len(out) - n_kv:] if n_kv else []
+            kept = out[len(out) - n_kv - n_rec:len(out) - n_kv] if n_rec else []
+            out = out[:len(out) - n_kv - n_rec]
+            if n_rec:
+                self.selection = [{"layer": l, "block": blk, "active": t} for (l, blk), t in zip(self.record_names, kept)]
+                _REGISTRY["recorded"] = weakref.ref(self)
+            if n_kv:
+                self._register_prefill(args, out, positions)
         return out
+
+    # -- the side table --------------------------------------------------------------------------------
+    def _register_prefill(self, args, out, positions):
+        seen = args[self.seq_source].shape[1] if self.seq_source is not None else None
+        for layer, pos in zip(self.kv_layers, positions):
+            c = self.cache.get(layer)
+            if c is None or c.k_out is None or seen is None:
+                continue
+            kv_positions.register(out[c.k_out], layer, pos, seen, c.window)
+
+    def _decode(self, args):
+        """A graph that reads a filled cache: find the positions each layer holds, run, register the new caches."""
+        layers, seen = self._resolve(args)
+        padding = args[self.pad_index] if self.pad_index is not None else None
+        windows = {c.layer: c.window for c in self.cache.values()}
+        with kv_positions.call_context(layers, seen, padding, windows):
+            out = self.compiled(*args, *self.extra)
+        if layers:
+            q = self._query_length(args, out)
+            for layer, pos in layers.items():
+                c = self.cache[layer]
+                if c.k_out is None:
+                    continue
+                k = out[c.k_out]
+                new = torch.arange(seen, seen + q, device=pos.device).expand(pos.shape[0], q)
+                full = torch.cat([pos, new], dim=1)
+                kv_positions.register(k, layer, full[:, full.shape[1] - k.shape[2]:], seen + q, c.window)
+        return out
+
+    def _query_length(self, args, out) -> int:
+        if self.seq_source is not None:
+            return args[self.seq_source].shape[1]
+        c = next(c for c in self.cache.values() if not c.window and c.k_out is not None)
+        return out[c.k_out].shape[2] - args[c.k_in].shape[2]
+
+    def _resolve(self, args):
+        """layer -> positions of every layer whose cache the side table knows (None when none does: a dense
+        cache, decoded with the model's own masks), and the sequence length they share. A cache that is
+        compacted but not known, or that does not fit the others, raises."""
+        inputs = {c.k_in for c in self.cache.values()}
+        _refuse_compacted([a for i, a in enumerate(args) if i not in inputs])
+        known, unknown, seens = {}, [], set()
+        for c in self.cache.values():
+            if c.k_in is None:
+                continue
+            k = args[c.k_in]
+            found = kv_positions.lookup(k)
+            entry = found[1] if found is not None and found[0] == c.layer else kv_positions.recognise(k, c.layer)
+            if entry is None:
+                unknown.append((c, k))
+            else:
+                if entry.compacted and not c.own_mask:
+                    raise CompactedCacheError(
+                        f"spts: layer {c.layer} keeps a compacted KV cache, but its attention takes the model's mask "
+                        "for every layer (this transformers version's attention functions could not be wrapped): "
+                        "decoding on it would be wrong. Use the sdpa attention on transformers 5, or run the prefill "
+                        "with use_cache=False")
+                known[c.layer], seens = entry.positions, seens | {entry.seen}
+                if entry is not (found[1] if found else None):
+                    kv_positions.register(k, c.layer, entry.positions, entry.seen, c.window)
+        if not known:
+            full = {k.shape[2] for c, k in unknown if not c.window}
+            if len(full) > 1:
+                raise CompactedCacheError(
+                    f"spts: the KV cache's full-attention layers hold different lengths {sorted(full)}: it was "
+                    "compacted by an SPTS prefill, but the tensors are not the ones that prefill returned (was the "
+                    "cache copied or edited outside the model?); spts cannot tell which positions they hold")
+            return None, None
+        if len(seens) > 1:
+            raise CompactedCacheError(f"spts: the KV cache's layers come from different sequences (lengths {sorted(seens)})")
+        seen = seens.pop()
+        for c, k in unknown:
+            dense = seen if not c.window else min(seen, c.window - 1)
+            if k.shape[2] != dense:
+                raise CompactedCacheError(
+                    f"spts: layer {c.layer}'s KV cache holds {k.shape[2]} rows, neither the {dense} of a dense cache "
+                    "nor a compacted cache the backend knows (was it copied or edited outside the model?)")
+        first = min(self.cache)
+        if not self.rope_from_input and first in known and not self.cache[first].window \
+                and known[first].shape[1] != seen:
+            raise CompactedCacheError(
+                f"spts: layer {first} (the first) keeps a compacted cache and no position_ids were given: transformers "
+                "would take the new tokens' positions from its length. Pass position_ids (generate does), or start "
+                "skipping after layer 0 (start_layer >= 1)")
+        return known, seen
 
     def _refresh_proxies(self):
         for w in self.watched:
@@ -102,6 +195,17 @@ class Runner:
                     for dst, src in zip(self.buffers[w.layer], w.rebuild().tensors()):
                         dst.copy_(src)
                 log.info("spts: layer %d FFN weights changed since compiling; rebuilt its LTP proxy", w.layer)
+
+
+def _refuse_compacted(args) -> None:
+    """A graph that cannot decode a compacted cache (not rewritten for it) must not be given one."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) and a.dim() == 4 \
+                and kv_positions.is_compacted(a):
+            raise CompactedCacheError(
+                "spts: this graph was given a compacted KV cache (left by an SPTS prefill) but was not rewritten to "
+                "decode on it (see the warnings above for why it fell back); decode with the same backend and "
+                "options, or run the prefill with use_cache=False")
 
 
 # The weak registry: every live runner, in compile order, and the one whose call recorded a selection last.

@@ -67,6 +67,11 @@ def real_candidates(padding_mask, cand):
     return None if padding_mask is None else padding_mask.bool().gather(1, cand)
 
 
+def newest_rows(x: torch.Tensor, dim: int, keep: int) -> torch.Tensor:
+    """The last `keep` entries of x along `dim` (all of them when there are fewer): a sliding-window cache."""
+    return x[(slice(None),) * dim + (slice(-keep, None),)]
+
+
 def locate_in_candidates(cand: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """[B] index of `position[b]` inside the sorted candidate list cand[b] (it is always present)."""
     return (cand <= position.unsqueeze(1)).sum(dim=1) - 1

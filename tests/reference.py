@@ -23,6 +23,14 @@ Choices where SEMANTICS.md is silent (keep the passes in step with these):
   (padding counts as +inf there), so a padded row prunes what it would prune alone.
 - a padding query row (which the model's mask leaves with no key at all) attends to itself only
   (besides any real key it may see), so it stays finite; its values are never compared.
+
+Decoding on a compacted cache (`reference_cache`, `reference_step`, `reference_decode`): each row keeps, per
+layer, the K/V rows its prefill cached with the original position of each (`kept[l]["kv_pos"]`) in plain
+Python lists. New tokens take the next positions (also their RoPE positions) and run every layer dense: their
+K/V are appended, and a token at position t attends to the entries at positions p <= t that are real tokens
+and, on sliding layers, with t - p < window, tested pair by pair. The reference keeps every entry (it never
+crops a sliding cache: the window test excludes what a crop would drop). Left-padded rows under `generate`
+(whose RoPE positions skip the padding) are compared with the row run alone.
 """
 from __future__ import annotations
 
@@ -427,54 +435,55 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
 # ---------------------------------------------------------------------------------------------
 # Decode on the compacted cache
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def reference_decode(model, ref_out: dict, next_ids: Tensor | int | None = None, steps: int = 8) -> Tensor:
-    """Greedy decoding (batch 1) that continues from the reference's per-layer compacted KV cache.
-
-    Token t (t = 0, 1, ...) sits at position N + t. `next_ids` is the first generated token (default:
-    the argmax of the prefill's last logits); each further token is the argmax after feeding the
-    previous one through every layer, which computes q/k/v for that one token, appends K/V to that
-    layer's cache and attends over all of the layer's entries (minus padding keys and, on sliding
-    layers, keys at least a window behind), with a dense FFN.
-    Returns [1, steps] token ids: what `model.generate(..., max_new_tokens=steps, do_sample=False)`
-    appends to the prompt when the cache is this one.
-    """
-    if ref_out["logits"].shape[0] != 1:
-        raise ValueError("reference_decode handles batch 1 only")
-    config = model.config
+def reference_cache(ref_out: dict) -> dict:
+    """The per-row, per-layer cache a reference prefill leaves: each layer's K/V rows with the original position
+    of each row, the prompt's padding, and the sequence length so far. Rows are kept apart (a list per row)."""
     n = ref_out["logits"].shape[1]
-    real_prompt = ref_out["attention_mask"][0].bool()
-    if next_ids is None:
-        tok = int(ref_out["logits"][0, -1].argmax())
-    else:
-        tok = int(torch.as_tensor(next_ids).flatten()[0])
-    caches = [[k[0], v[0], rec["kv_pos"][0]] for (k, v), rec in zip(ref_out["kv"], ref_out["kept"])]
-    out = [tok]
+    am = ref_out["attention_mask"]
+    rows = []
+    for b in range(am.shape[0]):
+        layers = [{"k": k[b], "v": v[b], "pos": [int(p) for p in rec["kv_pos"][b]]}
+                  for (k, v), rec in zip(ref_out["kv"], ref_out["kept"])]
+        rows.append({"layers": layers, "real": [bool(r) for r in am[b]]})
+    return {"rows": rows, "seen": n}
+
+
+@torch.no_grad()
+def reference_step(model, cache: dict, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Feed ids [B, q] through every layer on top of `cache` (updated in place) and return logits [B, q, V].
+
+    The new tokens sit at sequence positions seen .. seen + q - 1, which are also their RoPE positions (what a
+    forward without position_ids gives). Every layer runs dense on them: q/k/v of the new tokens, their K/V
+    appended to the layer's entries, and each new token at position t attends to the entries at positions p with
+    p <= t, p a real token (the prompt's padding, then `attention_mask` [B, q] for the new tokens; default
+    real), and, on sliding layers, t - p < window; a token always sees itself."""
+    config = model.config
+    seen, q = cache["seen"], ids.shape[1]
     cap = getattr(config, "final_logit_softcapping", None)
-    for t in range(steps - 1):
-        pos = n + t
-        x = model.model.embed_tokens(torch.tensor([[tok]]))[0]     # [1, D]
+    out = []
+    for b, row in enumerate(cache["rows"]):
+        new_real = [True] * q if attention_mask is None else [bool(r) for r in attention_mask[b]]
+        row["real"] = row["real"] + new_real
+        positions = list(range(seen, seen + q))
+        x = model.model.embed_tokens(ids[b:b + 1])[0]                           # [q, D]
         for l, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             attn_norm, post_attn_norm, ffn_norm, post_ffn_norm = _norms(layer)
             window = sliding_window(config, l)
-            cos_all, sin_all = _rope_tables(model, pos + 1, l, x)
-            cos, sin = cos_all[pos:pos + 1], sin_all[pos:pos + 1]
+            cos_all, sin_all = _rope_tables(model, seen + q, l, x)
+            cos, sin = cos_all[seen:seen + q], sin_all[seen:seen + q]
             xn = attn_norm(x)
-            q = _rope(_project_q(attn, xn), cos, sin)
+            qh = _rope(_project_q(attn, xn), cos, sin)
             k_new, v_new = _project_kv(attn, xn)
-            k_new = _rope(k_new, cos, sin)
-            cache = caches[l]
-            cache[0] = torch.cat([cache[0], k_new], dim=1)
-            cache[1] = torch.cat([cache[1], v_new], dim=1)
-            cache[2] = torch.cat([cache[2], torch.tensor([pos])])
-            key_pos = cache[2]
-            ok = torch.ones(1, key_pos.shape[0], dtype=torch.bool)
-            prompt_key = key_pos < n
-            ok[0, prompt_key] = real_prompt[key_pos[prompt_key]]
-            if window is not None:
-                ok &= (pos - key_pos < window)[None]
-            o = attn.o_proj(_attend(q, cache[0], cache[1], ok, attn.scaling))
+            entry = row["layers"][l]
+            entry["k"] = torch.cat([entry["k"], _rope(k_new, cos, sin)], dim=1)
+            entry["v"] = torch.cat([entry["v"], v_new], dim=1)
+            entry["pos"] = entry["pos"] + positions
+            ok = torch.zeros(q, len(entry["pos"]), dtype=torch.bool)
+            for i, t in enumerate(positions):
+                for j, p in enumerate(entry["pos"]):
+                    ok[i, j] = p == t or (p <= t and row["real"][p] and (window is None or t - p < window))
+            o = attn.o_proj(_attend(qh, entry["k"], entry["v"], ok, attn.scaling))
             if post_attn_norm is not None:
                 o = post_attn_norm(o)
             h = x + o
@@ -482,9 +491,29 @@ def reference_decode(model, ref_out: dict, next_ids: Tensor | int | None = None,
             if post_ffn_norm is not None:
                 f = post_ffn_norm(f)
             x = h + f
-        logits = model.lm_head(model.model.norm(x))[0]
+        logits = model.lm_head(model.model.norm(x))
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        tok = int(logits.argmax())
+        out.append(logits)
+    cache["seen"] = seen + q
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def reference_decode(model, ref_out: dict, next_ids: Tensor | int | None = None, steps: int = 8,
+                     cache: dict | None = None) -> Tensor:
+    """Greedy decoding that continues from the reference's per-layer compacted KV cache (`reference_step`, one
+    token at a time). The first token is `next_ids` [B] (default: the argmax of the prefill's last logits).
+    Returns [B, steps] token ids: what `model.generate(..., max_new_tokens=steps, do_sample=False)` appends to
+    the prompt when the cache is this one and the RoPE positions continue the cache's (batch 1, or rows
+    without padding)."""
+    cache = reference_cache(ref_out) if cache is None else cache
+    if next_ids is None:
+        tok = ref_out["logits"][:, -1].argmax(-1)
+    else:
+        tok = torch.as_tensor(next_ids).reshape(-1)
+    out = [tok]
+    for _ in range(steps - 1):
+        tok = reference_step(model, cache, tok[:, None])[:, -1].argmax(-1)
         out.append(tok)
-    return torch.tensor([out])
+    return torch.stack(out, dim=1)

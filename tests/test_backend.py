@@ -259,12 +259,24 @@ def test_user_masks_are_never_cleaned_up():
 # ------------------------------------------------------------------------------------------------
 # What must be refused or left dense
 # ------------------------------------------------------------------------------------------------
-def test_padded_batch_with_a_cache_is_refused_with_advice():
+def test_padded_batch_keeps_its_compacted_cache():
+    """A padded batch with use_cache=True is no longer refused: each row's cache holds the rows it kept (the
+    reference's), and the logits of its real tokens are the reference's (decoding on it: test_decode_masks.py)."""
+    from reference import build_proxies, reference_prefill
+    from spts_compile.config import SPTSConfig
+    from spts_compile.passes.plan import ltp_dims
     model = make_model("llama", layers=4)
     ids, am = make_inputs(2, 24, left_pad=[0, 3])
     f = compile_fn(model.forward, **SKIP_OPTS)
-    with torch.no_grad(), pytest.raises(Exception, match="batch 1"):
-        f(ids, attention_mask=am, use_cache=True)
+    with torch.no_grad():
+        out = f(ids, attention_mask=am, use_cache=True)
+    sched = SPTSConfig(**SKIP_OPTS).resolve(4)
+    proxies = build_proxies(model, *ltp_dims(sched, model.config.intermediate_size, model.config.hidden_size))
+    want = reference_prefill(model, ids, am, schedule=sched, proxies=proxies)
+    real = am.bool()
+    torch.testing.assert_close(out.logits[real], want["logits"][real], atol=1e-4, rtol=1e-4)
+    for layer, (k, _) in zip(out.past_key_values.layers, want["kv"]):
+        torch.testing.assert_close(layer.keys, k, atol=1e-4, rtol=1e-4)
 
 
 def test_static_cache_falls_back_to_dense_with_a_warning(caplog):

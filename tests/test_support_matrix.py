@@ -14,14 +14,15 @@ import torch
 import transformers
 
 import spts_compile
-from reference import build_proxies, reference_prefill
+from reference import build_proxies, reference_prefill, sliding_window
 from spts_compile.config import SPTSConfig
 from spts_compile.passes.plan import ltp_dims
 from tiny_models import SLIDING, family_names, make_inputs, make_model
 
 FAMILIES = family_names()
-# Sliding-window caches cannot be compacted: with use_cache those prefills run dense, by design.
-DENSE_WITH_CACHE = set(SLIDING)
+# Sliding-window caches are compacted too (the newest kept rows): on transformers 5 every case is rewritten. On 4.x
+# the sliding-window cache's layout is not asserted (a layer the backend cannot match there runs dense).
+UNASSERTED = set(SLIDING) if int(transformers.__version__.split(".")[0]) < 5 else set()
 OPTS = dict(start_layer=1, stage_ends=[1], budgets=[10], prune=3, min_tokens=1, selector="probe")
 RESULTS: dict[str, dict] = {}
 
@@ -63,8 +64,9 @@ def test_family(family, attn, use_cache):
     torch.testing.assert_close(out.logits[real], want["logits"][real], atol=1e-4, rtol=1e-4)
     if rewritten and use_cache:
         lengths = [l.keys.shape[-2] for l in _cache_of(out).layers]
-        assert lengths == [k.shape[-2] for k, _ in want["kv"]]
+        windows = [sliding_window(model.config, i) for i in range(len(lengths))]   # a window keeps its newest
+        assert lengths == [k.shape[-2] if w is None else min(k.shape[-2], w - 1) for (k, _), w in zip(want["kv"], windows)]
     RESULTS[key] = {"outcome": "rewritten" if rewritten else "dense",
                     "reason": None if rewritten else (summary or {}).get("reason")}
-    expect_dense = use_cache and family in DENSE_WITH_CACHE
-    assert rewritten != expect_dense, summary and summary.get("reason")
+    if not (use_cache and family in UNASSERTED):
+        assert rewritten, summary and summary.get("reason")

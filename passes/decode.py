@@ -1,0 +1,77 @@
+"""Decode and continuation graphs on a possibly compacted KV cache: where each layer's cache enters and
+leaves the graph, and whether its attention takes its own mask.
+
+The model builds one mask for all layers of a kind, sized by one layer's cache. After an SPTS prefill a
+skipping layer's cache holds fewer rows, at scattered original positions. `spts_compile.kv_positions` wraps
+transformers' attention functions so that an attention that reads a cache takes its mask through
+`spts::layer_mask`, which the runner feeds with the positions each layer holds. This module finds, per layer,
+the graph inputs and outputs of its cache and checks that its mask goes through that op; the graph itself is
+left as it is (decoding is dense).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from .graph_utils import ancestors, example_value, module_path
+from .locate import GraphAnalysis, is_layer_mask
+
+
+@dataclass
+class LayerCache:
+    """Where one layer's cache enters and leaves a graph: the index of its past-K placeholder among the graph's
+    inputs (None on a fresh cache), of its K among the outputs, its sliding window (0: none), and whether its
+    attention takes the layer's own mask (or none at all), so that a compacted cache decodes correctly."""
+
+    layer: int
+    k_in: int | None
+    k_out: int | None
+    window: int
+    own_mask: bool = True
+
+
+def cache_layout(gm: GraphModule, analysis: GraphAnalysis) -> list[LayerCache]:
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    outputs = _output_list(gm)
+    own = _layers_with_own_mask(gm)
+    layout = []
+    for spec in analysis.layers:
+        io = spec.attn.cache if spec.attn is not None else None
+        if io is None:
+            continue
+        k_in = placeholders.index(io.k_past) if io.k_past is not None else None
+        k_out = outputs.index(spec.attn.k_out) if spec.attn.k_out in outputs else None
+        own_mask = spec.attn.mask is None or spec.index in own
+        layout.append(LayerCache(spec.index, k_in, k_out, io.window, own_mask))
+    return layout
+
+
+def _layers_with_own_mask(gm: GraphModule) -> set[int]:
+    found = set()
+    for n in gm.graph.nodes:
+        if is_layer_mask(n):
+            where = module_path(n)
+            if where is not None:
+                found.add(where[0])
+    return found
+
+
+def _output_list(gm: GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out.args[0]
+    return list(args) if isinstance(args, (tuple, list)) else [args]
+
+
+def rope_from_input(gm: GraphModule, analysis: GraphAnalysis) -> bool:
+    """Whether the RoPE positions come from a graph input (position_ids) rather than from the cache's length."""
+    first = next((l for l in analysis.layers if l.attn is not None), None)
+    if first is None:
+        return False
+    anc = ancestors(first.attn.cos)
+    for p in gm.graph.find_nodes(op="placeholder"):
+        v = example_value(p)
+        if p in anc and isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dim() == 2:
+            return True
+    return False
