@@ -77,11 +77,16 @@ def plot(runs: list[tuple[dict, list[dict]]], out: Path, speedups: dict) -> None
                 ax_kl.annotate(str(i), (p["flop"], p["kl_median"]), textcoords="offset points", xytext=(5, 4),
                                fontsize=9)
         title = f"{meta['model']}, {meta['length']} tokens"
-        ax_acc.set(title=f"{title}: accuracy, {', '.join(meta['tasks'] or [])}",
+        tasks = meta["tasks"] or []
+        ax_acc.set(title=f"{title}: accuracy, " + (", ".join(tasks) if len(tasks) < 3 else f"{len(tasks)} tasks"),
                    xlabel="planned FLOP ratio (spts / dense)", ylabel="fraction right", ylim=(-0.05, 1.05))
         ax_acc.legend(loc="lower right", fontsize=8)
         ax_kl.set(title=f"{title}: median KL vs dense, {points[0]['texts'] if points else 0} texts",
                   xlabel="planned FLOP ratio (spts / dense)", ylabel="KL (log scale)", yscale="log")
+        flops = [p["flop"] for p in points] or [0.5]
+        mid, half = (min(flops) + max(flops)) / 2, max(0.1, (max(flops) - min(flops)) / 2 + 0.04)
+        for ax in (ax_acc, ax_kl):   # never zoom into a sliver of FLOP ratios: a 0.2-wide axis at least
+            ax.set_xlim(mid - half, mid + half)
         ax_kl.axhline(0.05, color="0.5", ls="--", lw=1)
         ax_kl.annotate("target 0.05", (ax_kl.get_xlim()[0], 0.05), fontsize=8, color="0.4",
                        textcoords="offset points", xytext=(2, 3))
