@@ -91,8 +91,6 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     selector = get_selector(cfg.selector)
     first_skip = _first_skip(analysis, schedule, gate)
     plan = record.plan = planning.make_plan(analysis, schedule, first_skip, selector)
-    compacts_cache = first_skip is not None and selector.compacts_cache(schedule) and \
-        any(l.attn.k_out is not None for l in analysis.layers if l.matched)
     _check_call(gm, example_inputs, analysis, schedule, first_skip)
     _note_no_savings(plan, analysis, first_skip)
     params = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
@@ -108,7 +106,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
     if result is not None:
         record.rewritten_layers = result.rewritten_layers
-    return _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm, compacts_cache)
+    return _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm)
 
 
 def _compile_decode(gm, example_inputs, cfg, record, analysis, original) -> Runner:
@@ -183,7 +181,7 @@ def _note_no_savings(plan, analysis, first_skip) -> None:
                  "%.3f of dense); smaller budgets or a longer prompt would", n, planned / dense)
 
 
-def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm, compacts_cache):
+def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm):
     """Step 5: compile the rewritten graph (and the dense twin for short prompts), and wrap it in a Runner."""
     extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
     t = time.perf_counter()

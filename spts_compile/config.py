@@ -30,8 +30,8 @@ PAPER_SCHEDULES: dict[int, dict[str, Any]] = {
 # preset"). The start moved from 2/5 to 5/12 in session 5 (the same layer 12 on SmolLM2's 30; 10 instead of 9
 # on the judge's 24) because the judge's probe ranks a needle in its top ~250 of 4096 from layer 10 on and only
 # around rank 1500 at layer 9. Budgets, fractions of N: until session 5 the Llama schedule's 32K budgets over
-# 32K (0.375, 0.25, 0.1875, 0.125); now a third smaller in the first stage and half in the others, chosen with the default selector
-# `stage` on the judge at 4K (README, "The default and the paper"): 19 of dense's 24 needles at a planned FLOP
+# 32K (0.375, 0.25, 0.1875, 0.125); now a third smaller in the first stage and half in the others, chosen with
+# the default selector `stage` on the judge at 4K (README, "The default and the paper"): 19 of dense's 24 needles at a planned FLOP
 # ratio of 0.477, median KL 0.037. Pass budgets=[0.375, 0.25, 0.1875, 0.125] for the old ones.
 GENERIC_START = Fraction(5, 12)
 GENERIC_ENDS = [Fraction(1, 2), Fraction(19, 30), Fraction(23, 30), Fraction(9, 10)]

@@ -42,10 +42,6 @@ class Selector:
         """Keep-set selectors: whether `layer` probes its candidates again before keeping its top M."""
         return layer == first_skip
 
-    def compacts_cache(self, schedule) -> bool:
-        """Whether a skipping layer's KV cache holds fewer tokens than the prompt."""
-        return self.keeps_set or schedule.pap or schedule.msdp
-
     # -- the plan ---------------------------------------------------------------------------------------
     def layer_flops(self, cost, lp, schedule, rescores: bool):
         """Planned FLOPs of a skipping layer (`cost`: plan.LayerCost; `lp`: its LayerPlan)."""
