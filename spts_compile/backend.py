@@ -91,7 +91,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     selector = get_selector(cfg.selector)
     first_skip = _first_skip(analysis, schedule, gate)
     plan = record.plan = planning.make_plan(analysis, schedule, first_skip, selector)
-    _check_call(gm, example_inputs, analysis, schedule, first_skip)
+    _check_call(gm, example_inputs, analysis, schedule, first_skip, selector)
     _note_no_savings(plan, analysis, first_skip)
     params = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
     proxies, watched = {}, []
@@ -160,13 +160,14 @@ def _first_skip(analysis, schedule, gate) -> int | None:
     return first
 
 
-def _check_call(gm, example_inputs, analysis, schedule, first_skip) -> None:
+def _check_call(gm, example_inputs, analysis, schedule, first_skip, selector) -> None:
     """Refusals and warnings that depend on the call: a loss over skipped positions, fractional budgets in a
     padded batch."""
     if first_skip is not None and analysis.computes_loss:
         raise LossError(LOSS_MESSAGE)
     padded = is_padded_batch(_input_of(gm, example_inputs, analysis.padding_mask))
-    if first_skip is not None and padded and any(isinstance(v, float) for v in schedule.budgets + schedule.prune):
+    used = schedule.budgets + ([] if selector.keeps_set else schedule.prune)   # keep-set modes never prune
+    if first_skip is not None and padded and any(isinstance(v, float) for v in used):
         _warn_once("spts: fractional budgets or prunes in a padded batch are fractions of the padded length N, so a "
                    "row's selection depends on the batch's padding; give int budgets for row-independent results")
 

@@ -148,3 +148,17 @@ def test_output_attentions_gives_its_own_reason(ids, caplog):
     reasons = [l["reason"] for l in plan["layers"]]
     assert all("output_attentions" in r for r in reasons), reasons
     assert not any("K cache" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("selector, warns", [("probe", True), ("stage", False)])
+def test_padded_batch_warns_about_fractions_only_where_the_selector_uses_them(llama, caplog, selector, warns):
+    """A fractional prune is a fraction of the padded N, so `probe` warns; the keep-set modes never prune, so
+    int budgets with the default fractional prune give no warning."""
+    import logging
+    spts_compile.reset_warnings()
+    ids, am = make_inputs(2, 40, seed=1)
+    am[1, :7] = 0
+    with caplog.at_level(logging.WARNING, logger="spts_compile"), torch.no_grad():
+        compiled(llama, **dict(OPTS, selector=selector, prune=0.125))(input_ids=ids, attention_mask=am)
+    said = [r.getMessage() for r in caplog.records if "fractional budgets or prunes" in r.getMessage()]
+    assert bool(said) == warns, said
