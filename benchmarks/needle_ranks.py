@@ -27,12 +27,20 @@ from .harness import Variant, make_variant, setup_process  # noqa: E402
 
 
 def answer_span(tok, sample) -> list[int]:
+    """Token indices of the last occurrence of the first answer in the prompt, matched case-insensitively on
+    the text of each token (so that "dolores park" finds "Dolores Park", whatever the token boundaries)."""
     ids = sample.input_ids[0].tolist()
-    want = tok.encode(sample.answers[0], add_special_tokens=False)
-    for i in range(len(ids) - len(want), -1, -1):
-        if ids[i:i + len(want)] == want:
-            return list(range(i, i + len(want)))
-    raise ValueError(f"the answer {sample.answers[0]!r} is not in the prompt's tokens")
+    pieces = [tok.decode([t]) for t in ids]
+    ends, at = [], 0
+    for piece in pieces:
+        at += len(piece)
+        ends.append(at)
+    text = "".join(pieces).lower()
+    start = text.rfind(sample.answers[0].lower())
+    if start < 0:
+        raise ValueError(f"the answer {sample.answers[0]!r} is not in the prompt")
+    stop = start + len(sample.answers[0])
+    return [i for i, end in enumerate(ends) if end > start and end - len(pieces[i]) < stop]
 
 
 def main(argv=None) -> int:
