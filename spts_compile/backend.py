@@ -192,11 +192,33 @@ def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watc
     if dense_gm is not None:
         changed = cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis) \
             if cfg.causal_cleanup else []
-        dense = _inner_compile(cfg, dense_gm if changed else original, example_inputs)
+        dense = OnDemand(cfg, dense_gm if changed else original, record)
     record.inductor_seconds = time.perf_counter() - t
     layout = decoding.cache_layout(gm, analysis) if result is not None and result.kv_layers else None
     return Runner(compiled, record, dense=dense, seq_source=analysis.seq_source, min_tokens=record.schedule.min_tokens,
                   result=result, watched=watched, cache=layout)
+
+
+class OnDemand:
+    """The dense graph that prompts shorter than `min_tokens` run, compiled at the first such prompt rather
+    than up front (a user who never sends one never pays its code generation). With Inductor it goes through
+    `torch.compile(dynamic=True)`, so one dense graph serves every short length; its compile seconds are added
+    to the record's `dense_seconds` when it happens."""
+
+    def __init__(self, cfg: SPTSConfig, gm: torch.fx.GraphModule, record: CompileRecord):
+        self.cfg, self.gm, self.record, self.fn = cfg, gm, record, None
+
+    def __call__(self, *args):
+        # the graph reads scalars with .item() (e.g. RoPE's attention scaling): trace them, do not break there
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            if self.fn is not None:
+                return self.fn(*args)
+            self.gm.recompile()
+            self.fn = self.gm.forward if self.cfg.compiler == "eager" else torch.compile(self.gm, dynamic=True)
+            t = time.perf_counter()
+            out = self.fn(*args)
+            self.record.dense_seconds += time.perf_counter() - t
+            return out
 
 
 def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs):

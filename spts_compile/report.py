@@ -126,6 +126,7 @@ def summary(record) -> dict:
            "seq_len_symbolic": not isinstance(record.seq_len, int),
            "verify_seconds": round(record.verify_seconds, 3),
            "proxy_seconds": round(record.proxy_seconds, 3), "inductor_seconds": round(record.inductor_seconds, 3),
+           "dense_seconds": round(record.dense_seconds, 3),
            "compile_seconds": round(record.compile_seconds, 3),
            "ltp_mode": record.ltp_mode, "selector": record.plan.selector.name if record.plan is not None else None,
            "causal_cleanup_layers": record.cleanup_layers,

@@ -33,7 +33,8 @@ class CompileRecord:
     seq_len: Any = None
     verify_seconds: float = 0.0
     proxy_seconds: float = 0.0          # building the LTP proxies (channel ranking + low-rank factors)
-    inductor_seconds: float = 0.0       # code generation of the rewritten graph (and of its dense twin)
+    inductor_seconds: float = 0.0       # code generation of the rewritten graph
+    dense_seconds: float = 0.0          # the first short prompt's call of the dense graph (its compile), if any
     compile_seconds: float = 0.0        # the whole backend call
     ltp_mode: str | None = None
     cleanup_layers: list[int] = field(default_factory=list)

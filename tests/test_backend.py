@@ -228,6 +228,26 @@ def test_dumps_from_the_environment_and_symbolic_flops(tmp_path, monkeypatch):
     assert "N" in summary["flops_dense"] and "N" in summary["flops_planned"]
 
 
+def test_short_prompts_compile_their_dense_graph_on_demand_once():
+    """A dynamic graph with min_tokens compiles no dense graph up front; the first prompt below min_tokens
+    compiles one (dense_seconds > 0) that equals eager, and later short lengths reuse it without a new graph."""
+    model = make_model("llama", layers=2)
+    opts = dict(start_layer=1, stage_ends=[1], budgets=[16], prune=4, min_tokens=20, selector="probe")
+    torch._dynamo.reset()
+    f = torch.compile(model.forward, backend="spts", options=opts, dynamic=True)
+    stats = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        f(make_inputs(1, 24)[0])
+        assert spts_compile.last_plan()["dense_seconds"] == 0
+        for n in (10, 13):
+            ids = make_inputs(1, n)[0]
+            torch.testing.assert_close(f(ids).logits, model.forward(ids).logits, atol=1e-4, rtol=1e-4)
+            if n == 10:
+                assert spts_compile.last_plan()["dense_seconds"] > 0
+                graphs = stats["unique_graphs"]
+        assert stats["unique_graphs"] == graphs
+
+
 # ------------------------------------------------------------------------------------------------
 # Dense clean-up: an in-graph causal mask becomes is_causal SDPA
 # ------------------------------------------------------------------------------------------------
