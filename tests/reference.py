@@ -502,6 +502,20 @@ def reference_step(model, cache: dict, ids: Tensor, attention_mask: Tensor | Non
     return torch.stack(out)
 
 
+def reference_crop(cache: dict, tokens: int) -> dict:
+    """Forget the last `tokens` positions of the sequence (what `DynamicCache.crop(-tokens)` means): every layer of
+    every row keeps the entries at positions < seen - tokens, however many entries that is. In place."""
+    seen = cache["seen"] - tokens
+    for row in cache["rows"]:
+        row["real"] = row["real"][:seen]
+        for entry in row["layers"]:
+            keep = [j for j, p in enumerate(entry["pos"]) if p < seen]
+            entry["k"], entry["v"] = entry["k"][:, keep], entry["v"][:, keep]
+            entry["pos"] = [entry["pos"][j] for j in keep]
+    cache["seen"] = seen
+    return cache
+
+
 @torch.no_grad()
 def reference_decode(model, ref_out: dict, next_ids: Tensor | int | None = None, steps: int = 8,
                      cache: dict | None = None) -> Tensor:

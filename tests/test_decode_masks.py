@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import spts_compile
-from reference import build_proxies, reference_cache, reference_prefill, reference_step
+from reference import (build_proxies, reference_cache, reference_crop, reference_decode, reference_prefill,
+                       reference_step)
 from spts_compile.config import SPTSConfig
 from spts_compile.passes.plan import ltp_dims
 from tiny_models import make_inputs, make_model
@@ -175,3 +176,150 @@ def test_a_compacted_cache_outside_the_compiled_model_is_refused(compiled):
             compiled.eager_forward(nxt, attention_mask=torch.cat([am, torch.ones_like(nxt)], 1),
                                    cache=first.past_key_values, use_cache=True)
 
+
+# ---------------------------------------------------------------------------------------------
+# DynamicCache.crop(-r) (assisted decoding drops rejected draft tokens with it): HF removes each layer's last r
+# rows, which on a compacted layer are r positions only when they come after the prompt
+# ---------------------------------------------------------------------------------------------
+def _only(compiled, *cases):
+    if (compiled.family, compiled.attn, compiled.selector) not in cases:
+        pytest.skip("crop runs on " + ", ".join("-".join(c) for c in cases))
+
+
+def _ones(b, q):
+    return torch.ones(b, q, dtype=torch.long)
+
+
+def test_crop_of_tokens_after_the_prompt_continues_the_cache(compiled):
+    """Padded batch 2: prefill, a call with 5 new tokens, crop(-3), then a call with 2 more: logits equal the
+    reference's, whose crop forgets positions (not rows)."""
+    _only(compiled, ("llama", "sdpa", "probe"), ("llama", "sdpa", "stage"))
+    ids, am = make_inputs(2, N, left_pad=PAD, seed=10)
+    more, _ = make_inputs(2, 5, seed=11)
+    nxt, _ = make_inputs(2, 2, seed=12)
+    with torch.no_grad():
+        first = compiled.model(ids, attention_mask=am, use_cache=True)
+        cache = compiled.model(more, attention_mask=torch.cat([am, _ones(2, 5)], 1), cache=first.past_key_values,
+                               use_cache=True).past_key_values
+        cache.crop(-3)
+        got = compiled.model(nxt, attention_mask=torch.cat([am, _ones(2, 4)], 1), cache=cache, use_cache=True).logits
+    ref = reference_cache(compiled.reference(ids, am))
+    reference_step(compiled.model, ref, more)
+    want = reference_step(compiled.model, reference_crop(ref, 3), nxt)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_crop_into_the_prompt_keeps_the_positions_before_it(compiled):
+    """Batch 1: crop(-10) right after the prefill forgets positions 22..31. A compacted layer holds fewer than 10
+    of them, so removing its last 10 rows (HF's crop) would forget kept prompt tokens; the next call must see
+    exactly the entries at positions < 22."""
+    _only(compiled, ("llama", "sdpa", "probe"))
+    r = 10
+    ids, am = make_inputs(1, N, left_pad=[3], seed=13)
+    nxt, _ = make_inputs(1, 4, seed=14)
+    ref = compiled.reference(ids, am)
+    held = [sum(p >= N - r for p in rec["kv_pos"][0].tolist()) for rec in ref["kept"]]
+    assert held[0] == r and min(held[1:]) < r, held          # the test tells positions from rows
+    with torch.no_grad():
+        cache = compiled.model(ids, attention_mask=am, use_cache=True).past_key_values
+        rows = [layer.keys.shape[2] for layer in cache.layers]
+        cache.crop(-r)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [n - h for n, h in zip(rows, held)]
+        got = compiled.model(nxt, attention_mask=torch.cat([am[:, :N - r], _ones(1, 4)], 1), cache=cache,
+                             use_cache=True).logits
+    want = reference_step(compiled.model, reference_crop(reference_cache(ref), r), nxt)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_crop_into_the_prompt_of_a_padded_batch_is_refused(compiled):
+    """Padded batch 2, crop(-10) after the prefill: the two rows of a compacted layer hold different numbers of
+    positions >= 22, so no [B, H, L, hd] tensor holds what each row keeps. Refused, naming crop, the cache as it
+    was."""
+    _only(compiled, ("llama", "sdpa", "probe"))
+    r = 10
+    ids, am = make_inputs(2, N, left_pad=PAD, seed=15)
+    ref = compiled.reference(ids, am)
+    held = [[sum(p >= N - r for p in row.tolist()) for row in rec["kv_pos"]] for rec in ref["kept"]]
+    assert any(h[0] != h[1] for h in held), held
+    with torch.no_grad():
+        cache = compiled.model(ids, attention_mask=am, use_cache=True).past_key_values
+    before = [layer.keys for layer in cache.layers]
+    with pytest.raises(spts_compile.CompactedCacheError, match="crop"):
+        cache.crop(-r)
+    assert all(layer.keys is k for layer, k in zip(cache.layers, before))
+
+
+def test_prompt_lookup_decoding_crops_the_compacted_cache(compiled, monkeypatch):
+    """Assisted generation without an assistant model (prompt_lookup_num_tokens): drafts from the sequence's own
+    n-grams, verified in one call on the cache, rejected ones cropped. The prompt's last token occurs nowhere
+    before it, so the first call (the SPTS prefill) carries no draft (see SEMANTICS.md on drafts in the prefill);
+    greedy, so the tokens equal plain greedy decoding on the compacted cache (the reference's). The test checks
+    that some crop removed tokens."""
+    _only(compiled, ("llama", "sdpa", "probe"))
+    import transformers
+    crops = []
+    real_crop = transformers.DynamicCache.crop
+
+    def spy(self, tokens):
+        crops.append(tokens)
+        return real_crop(self, tokens)
+    monkeypatch.setattr(transformers.DynamicCache, "crop", spy)
+    ids, _ = make_inputs(1, N, seed=16)
+    ids[0, -1] = min(set(range(3, 128)) - set(ids[0, :-1].tolist()))
+    steps = 12
+    with torch.no_grad():
+        out = compiled.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                      min_new_tokens=steps, do_sample=False, prompt_lookup_num_tokens=3,
+                                      pad_token_id=0)[:, N:]
+    assert any(t < 0 for t in crops), crops
+    want = reference_decode(compiled.model, compiled.reference(ids), steps=steps)
+    assert out.tolist() == want.tolist()
+
+
+def test_crop_into_the_prompt_of_a_sliding_cache(compiled):
+    """Gemma 3 (sliding and full layers, window 8), batch 1, past recording on (assisted decoding turns it on
+    before its prefill, so that crop can roll a sliding layer back): crop(-10) after the prefill, then a call with
+    4 new tokens, equals the reference cropped by position."""
+    _only(compiled, ("gemma3", "sdpa", "probe"))
+    import transformers
+    r = 10
+    ids, am = make_inputs(1, N, seed=17)
+    nxt, _ = make_inputs(1, 4, seed=18)
+    cache = transformers.DynamicCache(config=compiled.model.config)
+    cache.activate_past_recording()
+    with torch.no_grad():
+        compiled.model(ids, attention_mask=am, cache=cache, use_cache=True)
+        cache.crop(-r)
+        got = compiled.model(nxt, attention_mask=torch.cat([am[:, :N - r], _ones(1, 4)], 1), cache=cache,
+                             use_cache=True).logits
+    want = reference_step(compiled.model, reference_crop(reference_cache(compiled.reference(ids, am)), r), nxt)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_past_recording_sliding_layers_keep_their_window():
+    """Past recording (assisted decoding turns it on before its prefill) keeps every row of a sliding layer, so
+    the cache no longer shows the window; the attention's own window does. Gemma 3 with budgets under the window
+    (a compacted sliding layer of 6 rows, window 8), 3 new tokens on the compacted cache: the per-layer masks
+    keep the window, on the dense sliding layer 0 too (the reference masks by position; without the window the
+    logits were off by 2)."""
+    import transformers
+    opts = dict(OPTS, budgets=[6, 5], prune=2)
+    torch._dynamo.reset()
+    model = make_model("gemma3", layers=4)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="spts", options=opts)
+    try:
+        ids, am = make_inputs(1, N, seed=17)
+        more, _ = make_inputs(1, 3, seed=18)
+        cache = transformers.DynamicCache(config=model.config)
+        cache.activate_past_recording()
+        with torch.no_grad():
+            model(ids, attention_mask=am, cache=cache, use_cache=True)
+            assert [layer.keys.shape[2] for layer in cache.layers] == [N, 6, 5, 5]
+            got = model(more, attention_mask=_ones(1, N + 3), cache=cache, use_cache=True).logits
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+    ref = reference_prefill(model, ids, am, schedule=SPTSConfig(**opts).resolve(4))
+    want = reference_step(model, reference_cache(ref), more)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
