@@ -204,12 +204,15 @@ def _(key, mask, layer, window):
 
 
 def _from_compacted(key: torch.Tensor, q: int, layer: int) -> bool:
-    """Whether the past rows of `key` end with the newest row of a compacted cache this layer wrote recently."""
-    if key.shape[2] <= q:
+    """Whether the past rows of `key` are as many as a compacted cache this layer wrote recently and end with its
+    newest row. (The row alone is not enough: at the first skipping layer a dense cache of the same prompt ends
+    with the very same row, the last token's K computed from the same dense input.)"""
+    past = key.shape[2] - q
+    if past <= 0:
         return False
-    newest = key[:, :, key.shape[2] - q - 1]
-    return any(e.compacted and e.last_key.shape == newest.shape and torch.equal(e.last_key, newest)
-               for e in _RECENT.get(layer, ()))
+    newest = key[:, :, past - 1]
+    return any(e.compacted and e.positions.shape[1] == past and e.last_key.shape == newest.shape
+               and torch.equal(e.last_key, newest) for e in _RECENT.get(layer, ()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,23 @@ def _path_log_prob(model, ref, cache, tokens):
     return float(total)
 
 
+def test_a_dense_model_decodes_the_same_prompt_after_an_spts_one(compiled):
+    """A dense model beside the compiled one (the benchmarks run both in one process) decodes the same padded
+    batch after the spts prefill compacted its own cache. At the first skipping layer the last token's K is the
+    same in both caches (the same dense input), which alone must not mark the dense cache as compacted."""
+    _only(compiled, ("llama", "sdpa", "probe"))
+    dense = make_model(compiled.family, attn=compiled.attn, layers=4)
+    ids, am = make_inputs(2, N, left_pad=PAD, seed=19)
+
+    def greedy():
+        with torch.no_grad():
+            return dense.generate(ids, attention_mask=am, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                  pad_token_id=0)
+    before = greedy()
+    compiled.generate(ids, am, steps=3)
+    assert greedy().tolist() == before.tolist()
+
+
 def test_beam_search_reorders_the_compacted_cache(compiled):
     """Beam search reorders the cache between steps (index_select on the batch dim): the reordered tensors are
     recognised row by row. Each returned beam's score equals the reference's log-probability of its tokens
