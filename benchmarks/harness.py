@@ -271,6 +271,40 @@ def generate_once(model, input_ids: torch.Tensor, max_new_tokens: int, *, fixed_
                       peak_rss=mem.peak, peak_rss_delta=mem.peak - mem.start, extra=extra)
 
 
+@dataclass
+class BatchResult:
+    ttft: float                          # seconds to the first new token of every row (the prefill)
+    step_times: list[float]              # seconds from the start to each step
+    total: float
+    tokens: list[list[int]]              # per row, the new tokens
+    kv_bytes: int | None
+    kv_tokens: list[int] | None
+    peak_rss: int
+    peak_rss_delta: int
+
+
+@torch.no_grad()
+def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int, *,
+                   pad_token_id: int | None) -> BatchResult:
+    """One greedy generate of a (left-padded) batch: exactly `new_tokens` per row (EOS suppressed)."""
+    cache = DynamicCache(config=model.config)
+    clock = StepClock(cache)
+    kwargs = dict(attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, logits_processor=LogitsProcessorList([clock]),
+                  return_dict_in_generate=True, pad_token_id=pad_token_id, temperature=None, top_p=None, top_k=None)
+    kwargs[_cache_kwarg()] = cache
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = model.generate(input_ids, **kwargs)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        total = time.perf_counter() - t0
+    n = input_ids.shape[1]
+    return BatchResult(ttft=clock.times[0] - t0, step_times=[t - t0 for t in clock.times], total=total,
+                       tokens=out.sequences[:, n:].tolist(), kv_bytes=clock.kv_bytes, kv_tokens=clock.kv_tokens,
+                       peak_rss=mem.peak, peak_rss_delta=mem.peak - mem.start)
+
+
 @functools.lru_cache(maxsize=1)
 def _cache_kwarg(_model_type=None) -> str:
     """Newer transformers 5.x name the cache argument of `generate` `cache` and deprecate `past_key_values`;

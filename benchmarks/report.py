@@ -153,9 +153,10 @@ def render(results: dict) -> str:
                      _f((r.get("kv_bytes") or 0) / 2**20, "{:.1f}"), _f(r.get("kv_fraction_of_dense"), "{:.0%}"),
                      _f(r.get("peak_rss_delta_bytes", 0) / 2**20, "{:.0f}"),
                      _f((r.get("plan") or {}).get("flop_ratio")), _f(r.get("speedup_fraction_of_planned"), "{:.0%}")])
-    parts.append(tabulate(rows, headers=["N", "config", "prefill s med [min-max]", "x ind med/min", "x eager",
-                                         "+16 s", "x ind", "+64 s", "x ind", "1st call s", "graphs new/all",
-                                         "KV MiB", "KV %", "peak +MiB", "FLOP ratio", "% of planned"]))
+    if rows:   # (none with --only batch)
+        parts.append(tabulate(rows, headers=["N", "config", "prefill s med [min-max]", "x ind med/min", "x eager",
+                                             "+16 s", "x ind", "+64 s", "x ind", "1st call s", "graphs new/all",
+                                             "KV MiB", "KV %", "peak +MiB", "FLOP ratio", "% of planned"]))
     if results.get("accuracy"):
         table = defaultdict(dict)
         names = []
@@ -181,12 +182,29 @@ def render(results: dict) -> str:
                   _f(s["accuracy"]), _f(s["kl_mean"], "{:.4f}"), s["n_samples"]] for s in results["sweep"]]
         parts.append(f"speed-accuracy at N={results['meta']['sweep_length']} (speed on the accuracy prompts)\n" +
                      tabulate(srows, headers=["config", "what", "prefill x ind", "FLOP ratio", "accuracy", "KL", "n"]))
+    if results.get("batch") and results["batch"].get("greedy_vs_inductor"):
+        parts.append(render_batch(results["batch"]))
     if results.get("targets"):
         t = results["targets"]
         trows = [[k, v["target"], _f(v["measured"], "{:.3f}"), {True: "met", False: "MISSED", None: "-"}[v["met"]]]
                  for k, v in t.items() if isinstance(v, dict)]
         parts.append(f"targets at N={t['length']}\n" + tabulate(trows, headers=["target", "goal", "measured", ""]))
     return "\n\n".join(parts)
+
+
+def render_batch(section: dict) -> str:
+    """The batch section (benchmarks.batch) as a headline and a table."""
+    rows = [[name, _f(c["prefill_s"]["median"]), _f(c["e2e_s"]["median"]), _f(c["tokens_per_s"], "{:.1f}"),
+             _f(c.get("decode_tokens_per_s"), "{:.1f}"), _f((c.get("kv_bytes") or 0) / 2**20, "{:.1f}"),
+             _f((c.get("plan") or {}).get("flop_ratio"))] for name, c in section["configs"].items()]
+    g = section["greedy_vs_inductor"]
+    head = (f"batch of {section['batch']}: {section['lengths']} tokens left-padded to {section['padded_to']}, "
+            f"+{section['new_tokens']} greedy tokens, reps {section['reps']}. spts/Inductor: throughput "
+            f"{_f(section['throughput_ratio_vs_inductor'], '{:.2f}x')}, prefill time ratio "
+            f"{_f(section['prefill_time_ratio_vs_inductor'])}, greedy match {_f(g['greedy_match_fraction'])} "
+            f"({g['rows_equal']}/{section['batch']} rows equal)")
+    return head + "\n" + tabulate(rows, headers=["config", "prefill s", "e2e s", "tokens/s", "decode tokens/s",
+                                                 "KV MiB", "FLOP ratio"])
 
 
 # -- plots -----------------------------------------------------------------------------------------------

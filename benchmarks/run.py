@@ -1,7 +1,8 @@
 """The main job: eager, Inductor, spts with skipping off, and spts, side by side on a real model.
 
     python -m benchmarks.run --quick                   # ~12 min on 2 CPU cores: 8K, main configurations
-    python -m benchmarks.run                           # full: 2K/4K/8K, accuracy suite, baselines, budget sweep
+    python -m benchmarks.run                           # full: 2K/4K/8K, accuracy suite, baselines, budget sweep, batch
+    python -m benchmarks.run --only batch              # the batch section alone (benchmarks/batch.py)
     python -m benchmarks.run --lengths 2048 4096 --threads 2 --out results/ --model smollm2|gemma3|qwen05|PATH
 
 Everything runs in one process. Each configuration has its own model object (weights shared) whose
@@ -25,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from . import batch as BATCH  # noqa: E402
 from . import data as D  # noqa: E402
 from . import harness as H  # noqa: E402
 from . import report as R  # noqa: E402
@@ -33,9 +35,10 @@ from spts_compile import selectors  # noqa: E402
 
 MIN_TOKENS = 256          # spts option: prompts shorter than this run dense; well below every benchmark length
 QUICK = dict(lengths=[8192], reps=2, extra_warmup=0, tasks=["niah_single", "niah_multikey", "passkey", "hard_needle"],
-             per_task=1, depths=[0.5], fidelity_texts=1, baselines=False, sweep=False, spts_off_accuracy=False)
+             per_task=1, depths=[0.5], fidelity_texts=1, baselines=False, sweep=False, spts_off_accuracy=False,
+             batch=False)
 FULL = dict(lengths=[2048, 4096, 8192], reps=3, extra_warmup=1, tasks=list(D.TASKS), per_task=None,
-            depths=[0.25, 0.75], fidelity_texts=3, baselines=True, sweep=True, spts_off_accuracy=True)
+            depths=[0.25, 0.75], fidelity_texts=3, baselines=True, sweep=True, spts_off_accuracy=True, batch=True)
 SWEEP_SCALES = [0.25, 0.5, 2.0]
 WARM_NEW_TOKENS = 4   # x1 is the default preset itself
 
@@ -69,6 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"budget sweep: the preset's budgets scaled by {SWEEP_SCALES}")
     p.add_argument("--sweep-length", type=int, help="length for baselines and sweep (default: the longest)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy suite")
+    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="the batch section: prompts of --batch-lengths left-padded to the longest, prefill + "
+                        "--batch-new-tokens greedy tokens, Inductor vs spts (default: on in the full job, off in --quick)")
+    p.add_argument("--batch-lengths", type=int, nargs="+", default=BATCH.LENGTHS,
+                   help=f"one prompt length per batch row (default {' '.join(map(str, BATCH.LENGTHS))})")
+    p.add_argument("--batch-new-tokens", type=int, default=BATCH.NEW_TOKENS,
+                   help=f"greedy new tokens per row in the batch section (default {BATCH.NEW_TOKENS})")
+    p.add_argument("--batch-reps", type=int, help="timed rounds of the batch section (default: --reps)")
+    p.add_argument("--only", choices=["batch"], help="run only this section (batch: implies --batch)")
     p.add_argument("--calibrate", action="store_true",
                    help="LTP channels ranked by a calibration (pydoc text, computed once and cached) instead of "
                         "the default weights-only ranking")
@@ -86,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in mode.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
+    if a.only == "batch":
+        a.batch = True
+    a.batch_reps = a.batch_reps or a.reps
     a.sweep_length = a.sweep_length or max(a.lengths)
     if a.sweep_length not in a.lengths:
         p.error(f"--sweep-length {a.sweep_length} must be one of --lengths {a.lengths}")
@@ -276,7 +291,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"torch {torch.__version__}, threads: torch.get_num_threads() = {torch.get_num_threads()}, "
-        f"mode: {'quick' if args.quick else 'full'}, lengths {args.lengths}, reps {args.reps}")
+        f"mode: {'quick' if args.quick else 'full'}, " +
+        (f"lengths {args.lengths}, reps {args.reps}" if args.only is None else f"only {args.only}") +
+        (f", batch {args.batch_lengths} +{args.batch_new_tokens}, reps {args.batch_reps}" if args.batch else ""))
     if args.spts_backend == "spts":
         import spts_compile  # noqa: F401  registers the backend
     model, tok = load_model(args.model)
@@ -301,7 +318,9 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "lengths": args.lengths, "reps": args.reps,
             "extra_warmup": args.extra_warmup, "new_tokens": args.new_tokens, "sweep_length": args.sweep_length,
-            "dynamic": args.dynamic, "sanity_answer": answer, "options": args.options,
+            "dynamic": args.dynamic, "sanity_answer": answer, "options": args.options, "only": args.only,
+            "batch": {"lengths": args.batch_lengths, "new_tokens": args.batch_new_tokens, "reps": args.batch_reps}
+            if args.batch else None,
             "ltp_calibration": None if calibration is None else repr(calibration),
             "preset": {"name": sched.preset, "start_layer": sched.start_layer, "stage_ends": sched.stage_ends,
                        "budgets": sched.budgets, "prune": sched.prune},
@@ -315,7 +334,7 @@ def main(argv=None) -> int:
     def save():  # everything measured so far, after every step: an interrupted run keeps it
         _save(results, out)
     save()
-    for i, length in enumerate(args.lengths):
+    for i, length in enumerate(args.lengths if args.only is None else []):
         n_tok = prompt_tokens(length, model, args)
         if i:  # a fresh entry per length: each length compiles its own static prefill graph (see README)
             for v in variants:
@@ -339,9 +358,18 @@ def main(argv=None) -> int:
         fidelity_phase(args, variants, length, n_tok, tok, results, save)
         results["compile"] = compile_log
         save()
-    results["accuracy"] = R.accuracy_table(results["accuracy_samples"])
-    results["sweep"] = R.sweep_rows(results, variants, args.sweep_length)
-    results["targets"] = R.targets(results, max(args.lengths))
+    if args.batch:
+        def save_batch(section):
+            results["batch"] = section
+            save()
+        BATCH.run(model, tok, lengths=args.batch_lengths, new_tokens=args.batch_new_tokens, reps=args.batch_reps,
+                  options=dict(args.options, **({} if calibration is None else {"calibration": calibration})),
+                  dynamic=dynamic, spts_backend=args.spts_backend, dense_backend=args.dense_backend, log=log,
+                  save=save_batch)
+    if args.only is None:
+        results["accuracy"] = R.accuracy_table(results["accuracy_samples"])
+        results["sweep"] = R.sweep_rows(results, variants, args.sweep_length)
+        results["targets"] = R.targets(results, max(args.lengths))
     results["meta"]["wall_seconds"] = time.perf_counter() - _T0
     results["meta"]["loadavg_end"] = os.getloadavg()
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -350,7 +378,7 @@ def main(argv=None) -> int:
     _save(results, out)
     print()
     print(R.render(results))
-    plots = R.plots(results, out)
+    plots = R.plots(results, out) if args.only is None else []
     log(f"wrote {out / 'bench.json'}" + "".join(f", {p}" for p in plots) +
         f"; wall {results['meta']['wall_seconds']:.0f}s")
     return 0

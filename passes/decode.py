@@ -23,7 +23,9 @@ from .locate import GraphAnalysis, is_layer_mask
 class LayerCache:
     """Where one layer's cache enters and leaves a graph: the index of its past-K placeholder among the graph's
     inputs (None on a fresh cache), of its K among the outputs, its sliding window (0: none), and whether its
-    attention takes the layer's own mask (or none at all), so that a compacted cache decodes correctly."""
+    attention takes the layer's own mask (or none at all), so that a compacted cache decodes correctly. The window
+    is the one the cache shows (it keeps its newest window - 1 rows) or else the one the attention's mask op was
+    given (a sliding cache that records its past, for assisted decoding, keeps every row until a crop)."""
 
     layer: int
     k_in: int | None
@@ -44,17 +46,19 @@ def cache_layout(gm: GraphModule, analysis: GraphAnalysis) -> list[LayerCache]:
         k_in = placeholders.index(io.k_past) if io.k_past is not None else None
         k_out = outputs.index(spec.attn.k_out) if spec.attn.k_out in outputs else None
         own_mask = spec.attn.mask is None or spec.index in own
-        layout.append(LayerCache(spec.index, k_in, k_out, io.window, own_mask))
+        # a sliding cache that records its past (assisted decoding) keeps every row: its window is the attention's
+        layout.append(LayerCache(spec.index, k_in, k_out, io.window or own.get(spec.index, 0), own_mask))
     return layout
 
 
-def _layers_with_own_mask(gm: GraphModule) -> set[int]:
-    found = set()
+def _layers_with_own_mask(gm: GraphModule) -> dict[int, int]:
+    """layer -> the sliding window its `spts::layer_mask` op was given (0: none), for each layer that has one."""
+    found = {}
     for n in gm.graph.nodes:
         if is_layer_mask(n):
             where = module_path(n)
             if where is not None:
-                found.add(where[0])
+                found[where[0]] = n.args[3] if len(n.args) > 3 and isinstance(n.args[3], int) else 0
     return found
 
 

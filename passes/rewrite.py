@@ -241,7 +241,10 @@ def _rewrite_layer_keep_set(b, gm, spec, lp, plan: Plan, cfg, state: Stream, pro
         xn0 = b("attn_norm0", rt.norm_apply, x, a.norm)
         probe = b("probe", rt.probe_attention, *a.probe(xn0, cand, last, schedule.probe_queries, schedule.heads,
                                                          state.real))
-        state.kept_scores = _forced(b, state, _smoothed(b, schedule, b.item(probe, 1, "probe_score")), "once")
+        scores = _smoothed(b, schedule, b.item(probe, 1, "probe_score"))
+        if state.real is not None:   # padding never competes for the kept set (a pooled score would lift it)
+            scores = b("once_padding", rt.padding_loses, scores, state.real)
+        state.kept_scores = _forced(b, state, scores, "once")
     keep = b("select_once", rt.select_active, state.kept_scores, last, lp.budget, state.n_ref)
     base = b("once_before", rt.scatter_rows, state.base, cand, x) if state.base is not None else x
     state.base = base

@@ -32,6 +32,7 @@ __all__ = ["spts_backend", "last_plan", "recorded_selection", "reset_warnings", 
 log = logging.getLogger("spts_compile")
 
 kv_positions.install_attention_masks()   # attention on a cache takes each layer's own mask (kv_positions)
+kv_positions.install_cache_crop()        # DynamicCache.crop forgets positions on a compacted cache
 
 _warned: set[str] = set()
 _graph_ids = itertools.count(1)

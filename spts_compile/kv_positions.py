@@ -21,6 +21,10 @@ positions), while the model's own decode mask assumes every layer holds every po
   With no context (a dense cache) the op returns the model's own mask, so dense decoding is exactly Hugging
   Face's, and it raises when that cache is one an SPTS prefill compacted (recognised from its newest row).
   The op is opaque to Dynamo/Inductor; its fake impl gives the shape [B, 1|H, q, L + q] from its inputs.
+  It also takes the attention's own sliding window (a cache that records its past does not show it).
+- **Crop.** `DynamicCache.crop(-r)` is wrapped (`install_cache_crop`) so that on a compacted cache it forgets the
+  last r positions, not each layer's last r rows, and registers what each layer keeps; a crop no cache tensor can
+  hold (rows of a padded batch left with different counts) raises CompactedCacheError.
 """
 from __future__ import annotations
 
@@ -147,12 +151,15 @@ def visible(key_pos: torch.Tensor, query_pos: torch.Tensor, real: torch.Tensor |
 
 
 @torch.library.custom_op("spts::layer_mask", mutates_args=())
-def layer_mask(key: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+def layer_mask(key: torch.Tensor, mask: torch.Tensor, layer: int, window: int) -> torch.Tensor:
     """The mask of `layer` for its keys [B, H, K, hd] (the past rows, then the q new ones), shaped and typed like
     the model's own mask [B|1, 1|H, q, W]. On a dense cache (no call context) it is the model's mask as it is.
     On a compacted cache (the runner publishes each layer's positions, the call's 2D attention mask and the
     layers' windows) it is built from the positions: the model's mask is sized by one layer's cache (transformers
-    takes the first full-attention layer's length), which is wrong for every layer of another length."""
+    takes the first full-attention layer's length), which is wrong for every layer of another length.
+    `window` is the attention's own sliding window (0: none), which the layer's cache does not show when it
+    records its past (assisted decoding): it then holds more rows than the window, and the attention reads the
+    newest of them."""
     b, k_len, q, w = key.shape[0], key.shape[2], mask.shape[-2], mask.shape[-1]
     ctx = getattr(_CONTEXT, "value", None)
     if ctx is None:
@@ -169,9 +176,12 @@ def layer_mask(key: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tenso
         return mask.expand(b, *mask.shape[1:]).clone()
     layers, seen, padding, windows = ctx
     past = k_len - q
+    window = window or windows.get(layer, 0)
     pos = layers.get(layer)
     if pos is None:  # a dense layer: its newest `past` positions
         pos = torch.arange(seen - past, seen, device=mask.device).expand(b, past)
+    elif window and pos.shape[1] > past:   # a sliding cache that records its past: attention reads its newest rows
+        pos = pos[:, pos.shape[1] - past:]
     if tuple(pos.shape) != (b, past):
         raise CompactedCacheError(f"spts: layer {layer}: positions {tuple(pos.shape)} for a cache of {b}x{past} rows")
     new = torch.arange(seen, seen + q, device=mask.device).expand(b, q)
@@ -182,24 +192,27 @@ def layer_mask(key: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tenso
             raise CompactedCacheError(f"spts: the attention_mask has {padding.shape[1]} columns; the compacted cache "
                                       f"holds a sequence of {seen} positions and {q} new tokens: give {seen + q}")
         real = padding.to(mask.device).bool().gather(1, key_pos)
-    ok = visible(key_pos, new, real, windows.get(layer, 0))[:, None].expand(b, mask.shape[1], q, k_len)
+    ok = visible(key_pos, new, real, window)[:, None].expand(b, mask.shape[1], q, k_len)
     if mask.dtype == torch.bool:
         return ok.contiguous()
     return torch.zeros(ok.shape, dtype=mask.dtype, device=mask.device).masked_fill(~ok, torch.finfo(mask.dtype).min)
 
 
 @layer_mask.register_fake
-def _(key, mask, layer):
+def _(key, mask, layer, window):
     return mask.new_empty((key.shape[0], mask.shape[1], mask.shape[-2], key.shape[2]))
 
 
 def _from_compacted(key: torch.Tensor, q: int, layer: int) -> bool:
-    """Whether the past rows of `key` end with the newest row of a compacted cache this layer wrote recently."""
-    if key.shape[2] <= q:
+    """Whether the past rows of `key` are as many as a compacted cache this layer wrote recently and end with its
+    newest row. (The row alone is not enough: at the first skipping layer a dense cache of the same prompt ends
+    with the very same row, the last token's K computed from the same dense input.)"""
+    past = key.shape[2] - q
+    if past <= 0:
         return False
-    newest = key[:, :, key.shape[2] - q - 1]
-    return any(e.compacted and e.last_key.shape == newest.shape and torch.equal(e.last_key, newest)
-               for e in _RECENT.get(layer, ()))
+    newest = key[:, :, past - 1]
+    return any(e.compacted and e.positions.shape[1] == past and e.last_key.shape == newest.shape
+               and torch.equal(e.last_key, newest) for e in _RECENT.get(layer, ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +221,8 @@ def _from_compacted(key: torch.Tensor, q: int, layer: int) -> bool:
 def _with_layer_mask(inner_of):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and key.shape[-2] > query.shape[-2]:
-            attention_mask = torch.ops.spts.layer_mask(key, attention_mask, getattr(module, "layer_idx", -1))
+            attention_mask = torch.ops.spts.layer_mask(key, attention_mask, getattr(module, "layer_idx", -1),
+                                                       int(kwargs.get("sliding_window") or 0))
         return inner_of(module)(module, query, key, value, attention_mask, *args, **kwargs)
     attention.spts_layer_mask = True
     return attention
@@ -236,4 +250,87 @@ def install_attention_masks() -> bool:
         mapping["sdpa"] = _with_layer_mask(lambda module, fn=sdpa: fn)
     if not getattr(mapping.get("eager"), "spts_layer_mask", False):
         mapping["eager"] = _with_layer_mask(_module_eager)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# DynamicCache.crop: forget positions, not rows
+# ---------------------------------------------------------------------------------------------
+def _known_entry(k, layer: int) -> Entry | None:
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        return None
+    found = lookup(k)
+    return found[1] if found is not None and found[0] == layer else recognise(k, layer)
+
+
+def crop_compacted(cache, tokens_to_remove: int, inner) -> None:
+    """`DynamicCache.crop(-r)` on a cache an SPTS prefill may have compacted: forget the sequence's last r
+    positions. Hugging Face removes each layer's last r rows, which on a compacted layer are r positions only when
+    the layer holds all of them (tokens added after the prefill); here each compacted layer removes the rows whose
+    positions are >= seen - r, and the side table learns the positions of what is left. A crop that would leave
+    the rows of a batch with different numbers of entries (a padded batch cropped into its prompt) raises
+    CompactedCacheError, the cache untouched. `inner` is Hugging Face's crop (a cache that is not compacted)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:   # transformers without cache layers: refuse on a compacted cache, else theirs
+        keys = getattr(cache, "key_cache", None) or []
+        if any(is_compacted(k) for k in keys):
+            raise CompactedCacheError("spts: DynamicCache.crop on a compacted KV cache needs transformers 5's "
+                                      "cache layers; crop a cache from a prefill with use_cache=False instead")
+        return inner(cache, tokens_to_remove)
+    found = {}
+    for i, layer in enumerate(layers):
+        entry = _known_entry(getattr(layer, "keys", None), i)
+        if entry is not None and entry.compacted:
+            found[i] = entry
+    if not found:
+        return inner(cache, tokens_to_remove)
+    if tokens_to_remove > 0:
+        raise CompactedCacheError(f"spts: DynamicCache.crop({tokens_to_remove}) on a compacted KV cache: pass minus "
+                                  "the number of tokens to remove (transformers 5's crop)")
+    seens = {e.seen for e in found.values()}
+    if len(seens) > 1:
+        raise CompactedCacheError(f"spts: DynamicCache.crop on a compacted KV cache whose layers come from "
+                                  f"different sequences (lengths {sorted(seens)})")
+    r, seen = -tokens_to_remove, seens.pop()
+    new_seen = seen - r
+    if new_seen < 1:
+        raise CompactedCacheError(f"spts: DynamicCache.crop({tokens_to_remove}) would remove all {seen} positions "
+                                  "of a compacted KV cache")
+    drop = {}
+    for i, entry in found.items():
+        gone = (entry.positions >= new_seen).sum(dim=1)
+        if bool((gone != gone[0]).any()):
+            raise CompactedCacheError(
+                f"spts: DynamicCache.crop({tokens_to_remove}) forgets positions {new_seen}..{seen - 1}, of which the "
+                f"rows of layer {i}'s compacted KV cache hold {gone.tolist()}: the rows would keep different numbers "
+                "of entries, which one cache tensor cannot hold. Crop only tokens added after the SPTS prefill "
+                "(every layer holds all of those), or crop a batch of one")
+        drop[i] = int(gone[0])
+    for i, layer in enumerate(layers):   # each layer's own crop (sliding layers restrict to their window too)
+        layer.crop(-drop[i] if i in drop else tokens_to_remove)
+    for i, entry in found.items():
+        layer = layers[i]
+        if isinstance(getattr(layer, "cumulative_length", None), int):
+            layer.cumulative_length = new_seen   # a sliding layer counts positions; its crop counted rows
+        k = layer.keys
+        left = entry.positions.shape[1] - drop[i]        # the layer's crop kept old rows ..left-1 (their tail)
+        register(k, i, entry.positions[:, left - k.shape[2]:left], new_seen, getattr(layer, "sliding_window", 0) or 0)
+
+
+def install_cache_crop() -> bool:
+    """Make `DynamicCache.crop` forget positions on a compacted cache (`crop_compacted`); unchanged on any other.
+    Returns False where transformers has no DynamicCache."""
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError:
+        return False
+    inner = DynamicCache.crop
+    if getattr(inner, "spts_crop", False):
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        return crop_compacted(self, tokens_to_remove, inner)
+    crop.spts_crop = True
+    crop.__doc__ = inner.__doc__
+    DynamicCache.crop = crop
     return True

@@ -175,8 +175,9 @@ class Runner:
             raise CompactedCacheError(f"spts: the KV cache's layers come from different sequences (lengths {sorted(seens)})")
         seen = seens.pop()
         for c, k in unknown:
+            # a dense sliding cache holds its newest window - 1 rows, or more while it records its past
             dense = seen if not c.window else min(seen, c.window - 1)
-            if k.shape[2] != dense:
+            if not (k.shape[2] == dense or c.window and dense < k.shape[2] <= seen):
                 raise CompactedCacheError(
                     f"spts: layer {c.layer}'s KV cache holds {k.shape[2]} rows, neither the {dense} of a dense cache "
                     "nor a compacted cache the backend knows (was it copied or edited outside the model?)")

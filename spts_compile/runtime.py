@@ -220,6 +220,12 @@ def forced_positions(n_ref: torch.Tensor, padding_mask, sink: int, window: int) 
     return real & ((rank < sink) | (rank >= count - window))
 
 
+def padding_loses(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Padding candidates (`real` False) score -inf: they are kept only where a row has fewer real candidates
+    than the budget, so a padded row keeps the real tokens it would keep alone."""
+    return scores.masked_fill(~real, float("-inf"))
+
+
 def force_rows(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     """Forced candidates ([B, C] bool) score +inf: they win every top-M and no prune takes them."""
     return scores.masked_fill(forced, float("inf"))

@@ -20,7 +20,9 @@ Choices where SEMANTICS.md is silent (keep the passes in step with these):
 - with pap=False the FFN score is Cn alone; S_mha is still computed (for pruning and for the record).
 - N < schedule.min_tokens: the whole prefill is dense.
 - padding never competes: its FFN score is -inf, and a stage end prunes the lowest *real* tokens
-  (padding counts as +inf there), so a padded row prunes what it would prune alone.
+  (padding counts as +inf there), so a padded row prunes what it would prune alone. The keep-set selectors
+  (once, stage) score padding -inf when they keep their top M (after pooling, which would lift a padding
+  token next to a high-scoring one), so a padded row keeps what it would keep alone.
 - a padding query row (which the model's mask leaves with no key at all) attends to itself only
   (besides any real key it may see), so it stays finite; its values are never compared.
 
@@ -361,6 +363,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
                 xn0 = attn_norm(x_c)
                 k0 = _rope(_project_kv(attn, xn0)[0], cos_all[cand], sin_all[cand])
                 once_scores = retrieval(probe(attn, xn0, k0, cos_all, sin_all, last_c, window))[1]
+                once_scores = once_scores.masked_fill(~real[cand], float("-inf"))   # padding never competes
             keep = select_top(once_scores, m, last_c)
             cand, x_c, once_scores = cand[keep], x_c[keep], once_scores[keep]
             c = m
@@ -497,6 +500,20 @@ def reference_step(model, cache: dict, ids: Tensor, attention_mask: Tensor | Non
         out.append(logits)
     cache["seen"] = seen + q
     return torch.stack(out)
+
+
+def reference_crop(cache: dict, tokens: int) -> dict:
+    """Forget the last `tokens` positions of the sequence (what `DynamicCache.crop(-tokens)` means): every layer of
+    every row keeps the entries at positions < seen - tokens, however many entries that is. In place."""
+    seen = cache["seen"] - tokens
+    for row in cache["rows"]:
+        row["real"] = row["real"][:seen]
+        for entry in row["layers"]:
+            keep = [j for j, p in enumerate(entry["pos"]) if p < seen]
+            entry["k"], entry["v"] = entry["k"][:, keep], entry["v"][:, keep]
+            entry["pos"] = [entry["pos"][j] for j in keep]
+    cache["seen"] = seen
+    return cache
 
 
 @torch.no_grad()
