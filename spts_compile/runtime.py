@@ -301,7 +301,7 @@ def ltp_scores(hn, gate_in, gate_out, up_in, up_out, down, act: str, attn_scores
     compete for the FFN."""
     score = proxy_norm(hn, (gate_in, gate_out, up_in, up_out, down), act)
     score = score if attn_scores is None else score * attn_scores
-    return score if real is None else score.masked_fill(~real, float("-inf"))
+    return score if real is None else padding_loses(score, real)
 
 
 def ffn_rows(ha, w_gate, w_up, w_down, act: str, post_norm):
