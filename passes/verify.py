@@ -4,12 +4,20 @@ The graph is run once, eagerly, on the real example inputs; the values that each
 and writes are captured. Each block's canonical implementation (the runtime helpers the rewrite will
 call, with every candidate active) is then run on the captured inputs and compared with the captured
 outputs. A layer that does not reproduce its region is left dense, and the reason is recorded.
+
+Layers whose regions are the same code (`layer_signatures`: the same ops on the same kinds of inputs, with
+only their weights differing) compute the same function of their inputs and weights, so one of them, the
+earliest, stands for the group: its verdict is every member's. The eager run stops as soon as the
+representatives' values are captured, so for a model whose layers are all alike it runs the embedding and
+the first layer or two, not the whole prompt through every layer and the LM head.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import weakref
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -20,7 +28,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from spts_compile import runtime as rt
 
 from .blocks import attention_args, ffn_args
+from .graph_utils import module_path, shape_of
 from .locate import GraphAnalysis, LayerSpec, slice_value
+
+
+class _Captured(Exception):
+    """Every wanted value is in: the rest of the graph need not run."""
 
 
 class _Capture(torch.fx.Interpreter):
@@ -33,8 +46,66 @@ class _Capture(torch.fx.Interpreter):
         out = super().run_node(n)
         if n in self.wanted:
             self.values[n] = out  # no detach: under no_grad it is not needed, and vmapped masks forbid it
+            if len(self.values) == len(self.wanted):
+                raise _Captured
         return out
 
+
+def layer_signatures(gm: GraphModule, layers: list[LayerSpec]) -> dict[int, str]:
+    """layer index -> its region's code and its spec with the layer's identity taken out. In the code, a node
+    of the same region is its position in the region, a node of another layer is that layer's offset from this
+    one (layer i reads layer i-1's output), a placeholder is its shape and dtype (the weights: only their values
+    differ between alike layers), a constant made from no other node is its own code, and any other node keeps
+    its name (the shared masks and RoPE tables: a sliding-window layer reads another mask than a full one, so
+    the two differ). In the spec (what the matcher found), each node field is written the same way, and a
+    placeholder field (a weight) as the region op that first reads it and where: two layers share a signature
+    only if the matcher read their alike code alike."""
+    owner: dict[Node, int] = {}
+    nodes_of: dict[int, list[Node]] = defaultdict(list)
+    for n in gm.graph.nodes:
+        where = module_path(n) if n.op in ("call_function", "call_method", "call_module") else None
+        if where is not None:
+            owner[n] = where[0]
+            nodes_of[where[0]].append(n)
+    out = {}
+    for spec in layers:
+        idx = spec.index
+        local = {n: i for i, n in enumerate(nodes_of[idx])}
+
+        def token(a, idx=idx, local=local):
+            if a in local:
+                return f"%{local[a]}"
+            if a in owner:
+                return f"layer{owner[a] - idx:+d}"
+            if a.op == "placeholder":
+                v = a.meta.get("example_value", a.meta.get("val"))
+                return f"input{shape_of(a)}{getattr(v, 'dtype', '')}"
+            if not a.all_input_nodes:   # a constant made outside the layer for it (torch.tensor(window))
+                return f"({a.op} {a.target!r} {a.args!r} {a.kwargs!r})"
+            return a.name
+
+        def field_token(a, local=local):
+            if isinstance(a, Node) and a.op == "placeholder":
+                reader = next((local[u] for u in a.users if u in local), None)
+                return f"{token(a)} read by %{reader}"
+            return token(a)
+
+        lines = [f"{n.op} {n.target!r} {torch.fx.node.map_arg((n.args, n.kwargs), token)!r}"
+                 for n in nodes_of[idx]]
+        lines.append(_spec_text(spec.attn, field_token))
+        lines.append(_spec_text(spec.ffn, field_token))
+        out[idx] = "\n".join(lines)
+    return out
+
+
+def _spec_text(value, token) -> str:
+    """A spec dataclass as text, its nodes through `token`."""
+    if isinstance(value, Node):
+        return token(value)
+    if dataclasses.is_dataclass(value):
+        inner = ", ".join(f"{f.name}={_spec_text(getattr(value, f.name), token)}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({inner})"
+    return repr(value)
 
 def concrete(x):
     """A SymInt example input as the int it stands for."""
@@ -147,7 +218,9 @@ def _verdicts_for(gm: GraphModule, example_inputs) -> dict[int, str]:
 
 def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: list[LayerSpec]) -> float:
     """Run the graph once and mark each layer in `layers` verified or not. Returns seconds spent.
-    Verdicts are cached by graph signature, so a recompile for a new length does not run it again."""
+    Only the earliest layer of each group of alike layers (`layer_signatures`) is run through its canonical
+    block; the others take its verdict. Verdicts are cached by graph signature, so a recompile for a new
+    length does not run it again."""
     t0 = time.perf_counter()
     if not layers:
         return 0.0
@@ -156,9 +229,14 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         for l in layers:
             l.verified, l.verify_note = True, cached[l.index] + " (cached verdict)"
         return time.perf_counter() - t0
+    signatures = layer_signatures(gm, layers)
+    group_of: dict[str, LayerSpec] = {}
+    for l in sorted(layers, key=lambda l: l.index):
+        group_of.setdefault(signatures[l.index], l)
+    reps = list(group_of.values())   # one per signature, in layer order
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = dict(zip(placeholders, example_inputs))
-    wanted = set().union(*(_nodes_of(l) for l in layers))
+    wanted = set().union(*(_nodes_of(l) for l in reps))
     if analysis.padding_mask is not None:
         wanted.add(analysis.padding_mask)
     inputs = [concrete(x) for x in example_inputs]
@@ -166,20 +244,29 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
     try:
         with torch.no_grad():
             interp.run(*inputs)
+    except _Captured:
+        pass
     except Exception as e:  # the graph itself failed to run eagerly: nothing can be trusted
         for l in layers:
             l.verified, l.verify_note = False, f"verification run failed: {type(e).__name__}: {e}"
         return time.perf_counter() - t0
     values = interp.values
     pm = values.get(analysis.padding_mask) if analysis.padding_mask is not None else None
-    for l in layers:
+    verdicts = {}
+    for rep in reps:
         try:
             with torch.no_grad():
-                _, problem = run_canonical_layer(l, values, params, pm)
+                _, problem = run_canonical_layer(rep, values, params, pm)
         except Exception as e:
             problem = f"canonical block failed: {type(e).__name__}: {e}"
+        verdicts[rep.index] = problem
+    for l in layers:
+        rep = group_of[signatures[l.index]]
+        problem = verdicts[rep.index]
         l.verified = problem is None
-        l.verify_note = "reproduces the region" if problem is None else problem
+        note = "reproduces the region" if problem is None else problem
+        l.verify_note = note if rep is l else f"{note} (as layer {rep.index}, whose code it shares)"
         if l.verified:  # only successes are remembered: a failure is checked again next time
             cached[l.index] = l.verify_note
     return time.perf_counter() - t0
+

@@ -39,6 +39,34 @@ def test_a_wrong_spec_is_caught_and_named():
     assert not a.layers[1].verified and "layer 1 FFN" in a.layers[1].verify_note
 
 
+def test_alike_layers_take_the_earliest_ones_verdict_and_the_run_stops_there(monkeypatch):
+    """Layers 2 and 3 are the same code as layer 1 (layer 0 reads the embedding, the others the layer before):
+    layer 1's check stands for them, and the eager run ends once layers 0 and 1 are captured."""
+    model = make_model("llama", layers=4)
+    _, gm, example, a = graph_of(model=model)
+    ran = []
+    real = verify._Capture.run_node
+    monkeypatch.setattr(verify._Capture, "run_node",
+                        lambda self, n: (n.op != "placeholder" and ran.append(n), real(self, n))[1])
+    verify.verify(gm, a, example, a.layers)
+    assert all(l.verified for l in a.layers), [l.verify_note for l in a.layers]
+    assert [l.verify_note for l in a.layers[:2]] == ["reproduces the region"] * 2
+    assert all("as layer 1" in l.verify_note for l in a.layers[2:])
+    layers_run = {w[0] for w in map(verify.module_path, ran) if w is not None}   # ops (weights are inputs)
+    assert layers_run == {0, 1}, layers_run
+
+
+def test_a_layer_the_matcher_read_differently_is_checked_on_its_own():
+    """Same code, but layer 3's spec says something else (a wrong eps): it is not grouped with layer 1, and its
+    own check catches it; layer 2 still shares layer 1's verdict."""
+    model = make_model("llama", layers=4)
+    _, gm, example, a = graph_of(model=model)
+    a.layers[3].attn.norm.eps = 0.5
+    verify.verify(gm, a, example, a.layers)
+    assert [l.verified for l in a.layers] == [True, True, True, False]
+    assert "layer 3 attention" in a.layers[3].verify_note
+
+
 def test_the_dense_clean_up_form_is_verified_too(monkeypatch):
     """Eager attention builds its causal mask in-graph: the rewrite emits it as is_causal (mask None), and
     verification runs that form, including the clean-up's `attend_all`."""
