@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from spts_compile import runtime as rt
 
 from .blocks import attention_args, graph_value, is_builtin_causal
-from .graph_utils import eliminate_dead_code
+from .graph_utils import eliminate_dead_code, take_place
 from .locate import GraphAnalysis, LayerSpec
 
 
@@ -40,7 +40,7 @@ def apply(gm: GraphModule, analysis: GraphAnalysis, plan, verified_from: GraphAn
                                      name=f"l{spec.index}_attend_causal")
             h, k, v = (graph.create_node("call_function", operator.getitem, (call, j), {},
                                          name=f"l{spec.index}_causal_{s}") for j, s in enumerate("hkv"))
-        spec.attn.out.replace_all_uses_with(h)
+        take_place(spec.attn.out, h)
         if spec.attn.k_out is not None:
             output.replace_input_with(spec.attn.k_out, k)
             output.replace_input_with(spec.attn.v_out, v)

@@ -127,3 +127,13 @@ def has_side_effect(node: Node) -> bool:
 
 def eliminate_dead_code(graph) -> None:
     graph.eliminate_dead_code(is_impure_node=has_side_effect)
+
+
+def take_place(old: Node, new: Node) -> None:
+    """`new` (a node the passes built, of `old`'s shape and dtype) replaces `old` for all its users, with
+    old's example value: Dynamo's own method calls on it (`.to(dtype)`) then still read as tensor methods,
+    which AOTAutograd's cache needs to accept the graph."""
+    for key in ("example_value", "val", "tensor_meta"):
+        if key in old.meta and key not in new.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)

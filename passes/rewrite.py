@@ -23,7 +23,7 @@ from torch.fx import Graph, GraphModule, Node
 from spts_compile import runtime as rt
 
 from .blocks import attention_args, ffn_args, graph_value
-from .graph_utils import eliminate_dead_code
+from .graph_utils import eliminate_dead_code, take_place
 from .locate import GraphAnalysis, LayerSpec
 from .plan import LayerPlan, Plan
 
@@ -115,7 +115,7 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
             full, kv = emit(b, gm, spec, lp, plan, cfg, state, proxies, result, records, first.index)
             if spec.attn.k_out is not None:
                 kv = _cache_rows(b, spec, *kv)
-        spec.ffn.out.replace_all_uses_with(full)
+        take_place(spec.ffn.out, full)
         if spec.attn.k_out is not None:
             output.replace_input_with(spec.attn.k_out, kv[0])
             output.replace_input_with(spec.attn.v_out, kv[1])

@@ -9,12 +9,18 @@ calls, which owns the compile record).
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import itertools
 import logging
+import re
 import time
+from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.graph import GraphLowering
 
 from . import proxies as ltp_proxies
 from . import report as reporting
@@ -66,7 +72,7 @@ def spts_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options
         _warn_once(f"spts: falling back to dense Inductor for this graph: {type(e).__name__}: {e}")
         log.debug("spts: analysis failure", exc_info=True)
         record.kind, record.reason = "fallback", f"{type(e).__name__}: {e}"
-        runner = Runner(_inner_compile(cfg, gm, example_inputs), record)
+        runner = Runner(_inner_compile(cfg, gm, example_inputs, record), record)
     record.compile_seconds = time.perf_counter() - t0
     if cfg.debug_dir:
         reporting.write_dump(cfg.debug_dir, record, before, work)
@@ -79,7 +85,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
     `backend="inductor"` compiles."""
     analysis = _analyse(gm, record)
     if analysis is None:
-        return Runner(_inner_compile(cfg, original, example_inputs), record)
+        return Runner(_inner_compile(cfg, original, example_inputs, record), record)
     if analysis.kind in ("decode", "cached"):
         return _compile_decode(gm, example_inputs, cfg, record, analysis, original)
     schedule = cfg.resolve(len(analysis.layers))
@@ -116,7 +122,7 @@ def _compile_decode(gm, example_inputs, cfg, record, analysis, original) -> Runn
     positions each layer's cache holds (passes/decode.py finds the cache inputs and outputs)."""
     layout = decoding.cache_layout(gm, analysis)
     t = time.perf_counter()
-    compiled = _inner_compile(cfg, original, example_inputs)
+    compiled = _inner_compile(cfg, original, example_inputs, record)
     record.inductor_seconds = time.perf_counter() - t
     return Runner(compiled, record, seq_source=analysis.seq_source, cache=layout,
                   rope_from_input=decoding.rope_from_input(gm, analysis),
@@ -188,7 +194,7 @@ def _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watc
     extra = _static_fakes(result.extra_inputs if result is not None else [], example_inputs)
     t = time.perf_counter()
     untouched = result is None and not record.cleanup_layers
-    compiled = _inner_compile(cfg, original if untouched else gm, list(example_inputs) + extra)
+    compiled = _inner_compile(cfg, original if untouched else gm, list(example_inputs) + extra, record)
     dense = None
     if dense_gm is not None:
         changed = cleanup.apply(dense_gm, locate.analyse(dense_gm), None, verified_from=analysis) \
@@ -222,12 +228,58 @@ class OnDemand:
             return out
 
 
-def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs):
-    """Inductor by default; with compiler="eager" the (rewritten) FX graph itself runs."""
+def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs, record: CompileRecord | None = None):
+    """Inductor by default; with compiler="eager" the (rewritten) FX graph itself runs. The rewritten graph
+    calls this package's runtime helpers; AOTAutograd's cache refuses functions it does not know, so they are
+    marked cacheable for this compile, keyed by a hash of this package's source: a second process with the
+    same model and options loads the compiled graph (AOTAutograd and FX graph caches) instead of recompiling
+    it, and an edited helper misses the cache instead of loading stale code. The record gets how many distinct
+    C++ kernels the code generation defined (None when the graph came from the cache) and whether Inductor's
+    FX graph cache had it."""
     if cfg.compiler == "eager":
         gm.recompile()
         return gm.forward
-    return compile_fx(gm, example_inputs)
+    ours = {f"{t.__module__}.{t.__name__}": _source_hash() for t in _our_targets(gm)}
+    marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions, **ours)
+    codes: list[str] = []
+    hook = GraphLowering.save_output_code
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+
+    def save(code: str) -> None:
+        codes.append(code)
+        if hook is not None:
+            hook(code)
+
+    GraphLowering.save_output_code = save
+    try:
+        with torch._inductor.config.patch(unsafe_marked_cacheable_functions=marked):
+            compiled = compile_fx(gm, example_inputs)
+    finally:
+        GraphLowering.save_output_code = hook
+    if record is not None:
+        record.kernels = len({k for c in codes for k in _KERNEL_DEF.findall(c)}) if codes else None
+        record.cache = "hit" if counters["inductor"]["fxgraph_cache_hit"] > hits else "miss"
+    return compiled
+
+
+# A kernel the wrapper code defines: `cpp_fused_add_mul_0 = async_compile.cpp_pybinding(...)`
+_KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.\w+\(", re.M)
+
+
+def _our_targets(gm: torch.fx.GraphModule) -> set:
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"
+            if getattr(n.target, "__module__", "").startswith(__package__ + ".")}
+
+
+@functools.cache
+def _source_hash() -> str:
+    """sha256 of every Python file of this package (its passes included), in path order."""
+    h = hashlib.sha256()
+    roots = {Path(__file__).resolve().parent, Path(locate.__file__).resolve().parent}
+    for path in sorted({p for r in roots for p in r.rglob("*.py")}):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:32]
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -128,6 +128,7 @@ def summary(record) -> dict:
            "proxy_seconds": round(record.proxy_seconds, 3), "inductor_seconds": round(record.inductor_seconds, 3),
            "dense_seconds": round(record.dense_seconds, 3),
            "compile_seconds": round(record.compile_seconds, 3),
+           "kernels": record.kernels, "inductor_cache": record.cache,
            "ltp_mode": record.ltp_mode, "selector": record.plan.selector.name if record.plan is not None else None,
            "causal_cleanup_layers": record.cleanup_layers,
            "rewritten_layers": record.rewritten_layers, "layers": layer_rows(record), "plan": plan_rows(record)}
@@ -209,7 +210,8 @@ def write_dump(debug_dir, record, before, after) -> Path:
             + str(s.get("flops_dense")) + "\n")
     totals = {k: s.get(k) for k in ("flops_dense_at_n", "flops_planned_at_n", "flop_ratio", "kv_ratio",
                                    "kv_bytes_dense", "kv_bytes_planned", "ltp_mode", "ltp_channels", "ltp_rank",
-                                   "causal_cleanup_layers", "verify_seconds", "selector")}
+                                   "causal_cleanup_layers", "selector", "compile_seconds", "verify_seconds",
+                                   "inductor_seconds", "kernels", "inductor_cache")}
     (folder / "plan.txt").write_text(head + "\n\n" + text + "\n\n" +
                                      "\n".join(f"{k}: {v}" for k, v in totals.items()) + "\n")
     (folder / "summary.json").write_text(json.dumps(s, indent=2, default=str))

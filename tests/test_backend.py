@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -212,6 +213,8 @@ def test_debug_dir_dumps_graph_layers_and_plan(tmp_path):
     assert modes == ["dense", "skip", "skip", "skip"]
     assert 0 < summary["flop_ratio"] < 1
     assert "attention" in (d / "layers.txt").read_text() or "sdpa" in (d / "layers.txt").read_text()
+    assert summary["kernels"] > 0 and summary["inductor_cache"] in ("hit", "miss")
+    assert f"kernels: {summary['kernels']}" in (d / "plan.txt").read_text()
 
 
 def test_dumps_from_the_environment_and_symbolic_flops(tmp_path, monkeypatch):
@@ -226,6 +229,43 @@ def test_dumps_from_the_environment_and_symbolic_flops(tmp_path, monkeypatch):
     assert summary["seq_len_symbolic"] is True
     assert summary["rewritten_layers"] == [1, 2, 3]
     assert "N" in summary["flops_dense"] and "N" in summary["flops_planned"]
+
+
+_WARM_CHILD = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+import spts_compile
+from tiny_models import make_inputs, make_model
+torch.set_num_threads(1)
+model = make_model("llama", layers=3)
+ids, _ = make_inputs(1, 40)
+opts = dict(start_layer=1, stage_ends=[1, 2], budgets=[20, 10], prune=2, min_tokens=8)
+with torch.no_grad():
+    logits = torch.compile(model, backend="spts", options=opts)(input_ids=ids, use_cache=False).logits
+plan = spts_compile.last_plan()
+torch.save(logits, sys.argv[1])
+print(json.dumps({"cache": plan["inductor_cache"], "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
+                  "aot_bypass": counters["aot_autograd"]["autograd_cache_bypass"], "kind": plan["kind"],
+                  "rewritten": plan["rewritten_layers"]}))
+"""
+
+
+def test_a_second_process_loads_the_rewritten_graph_from_inductors_caches(tmp_path):
+    """Two processes, one Inductor cache folder: the first compiles the rewritten graph, the second loads it
+    (FX graph cache and AOTAutograd cache hits, nothing bypassed) and computes the same logits."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    runs = []
+    for i in range(2):
+        res = subprocess.run([sys.executable, "-c", _WARM_CHILD, str(tmp_path / f"logits{i}.pt")], env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["kind"] == "prefill" and cold["rewritten"] == [1, 2], cold
+    assert cold["cache"] == "miss" and cold["aot_bypass"] == 0, cold
+    assert warm["cache"] == "hit" and warm["aot_hit"] >= 1 and warm["aot_bypass"] == 0, warm
+    assert torch.equal(torch.load(tmp_path / "logits0.pt"), torch.load(tmp_path / "logits1.pt"))
 
 
 def test_short_prompts_compile_their_dense_graph_on_demand_once():
