@@ -107,6 +107,7 @@ def _spec_text(value, token) -> str:
         return f"{type(value).__name__}({inner})"
     return repr(value)
 
+
 def concrete(x):
     """A SymInt example input as the int it stands for."""
     if isinstance(x, torch.SymInt):
@@ -269,4 +270,3 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         if l.verified:  # only successes are remembered: a failure is checked again next time
             cached[l.index] = l.verify_note
     return time.perf_counter() - t0
-

@@ -234,8 +234,8 @@ def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs, re
     marked cacheable for this compile, keyed by a hash of this package's source: a second process with the
     same model and options loads the compiled graph (AOTAutograd and FX graph caches) instead of recompiling
     it, and an edited helper misses the cache instead of loading stale code. The record gets how many distinct
-    C++ kernels the code generation defined (None when the graph came from the cache) and whether Inductor's
-    FX graph cache had it."""
+    C++ kernels the graph's output code defines (Inductor hands over that code on a cache hit too; None when it
+    gave none) and whether Inductor's FX graph cache had the graph."""
     if cfg.compiler == "eager":
         gm.recompile()
         return gm.forward
@@ -267,8 +267,8 @@ _KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.\w+\(", re.M)
 
 
 def _our_targets(gm: torch.fx.GraphModule) -> set:
-    return {n.target for n in gm.graph.nodes if n.op == "call_function"
-            if getattr(n.target, "__module__", "").startswith(__package__ + ".")}
+    return {n.target for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(__package__ + ".")}
 
 
 @functools.cache

@@ -36,7 +36,7 @@ class CompileRecord:
     inductor_seconds: float = 0.0       # code generation of the rewritten graph
     dense_seconds: float = 0.0          # the first short prompt's call of the dense graph (its compile), if any
     compile_seconds: float = 0.0        # the whole backend call
-    kernels: int | None = None          # distinct C++ kernels Inductor generated for the graph (None: from cache)
+    kernels: int | None = None          # distinct C++ kernels in the graph's Inductor output code (None: no code)
     cache: str | None = None            # "hit" when Inductor's FX graph cache had the graph, else "miss"
     ltp_mode: str | None = None
     cleanup_layers: list[int] = field(default_factory=list)
