@@ -203,7 +203,10 @@ def smooth_scores(scores: torch.Tensor, kernel: int, kind: str) -> torch.Tensor:
     if kind == "avg":
         y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
     elif kind == "max":
-        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+        # a window max over -inf padding; F.max_pool1d would specialise a symbolic candidate count (its
+        # shape check guards on the length), making a dynamic graph recompile for every prompt length
+        r = kernel // 2
+        y = F.pad(x, (r, r), value=float("-inf")).unfold(-1, kernel, 1).amax(dim=-1)
     else:
         raise ValueError(f"spts: unknown pooling {kind!r}")
     return y.squeeze(1)

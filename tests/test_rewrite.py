@@ -466,9 +466,9 @@ def _counting_compile(model, options, **kw):
     return torch.compile(model.forward, backend=backend, **kw), calls
 
 
-def _run_lengths(model, fn, calls, lengths, mark: bool) -> list[int]:
+def _run_lengths(model, fn, calls, lengths, mark: bool, options=DYN_OPTS) -> list[int]:
     """Run every length, check it against the reference; return the backend-call count after each."""
-    sched = SPTSConfig(**DYN_OPTS).resolve(DEPTH)
+    sched = SPTSConfig(**options).resolve(DEPTH)
     proxies = build_proxies(model, *ltp_dims(sched, model.config.intermediate_size, model.config.hidden_size))
     counts = []
     for n in lengths:
@@ -479,7 +479,8 @@ def _run_lengths(model, fn, calls, lengths, mark: bool) -> list[int]:
         with torch.no_grad():
             out = fn(ids, attention_mask=am, use_cache=False)
         counts.append(len(calls))
-        ref = reference_prefill(model, ids, am, schedule=sched, proxies=proxies)
+        ref = reference_prefill(model, ids, am, schedule=sched, proxies=proxies,
+                                selector=options.get("selector", SPTSConfig().selector))
         assert_real_close(out.logits, ref["logits"], am, what=f"logits at N={n}")
         assert spts_compile.last_plan()["rewritten_layers"] == [1, 2, 3]
     assert spts_compile.last_plan()["seq_len_symbolic"] is True
@@ -509,6 +510,19 @@ def test_mark_dynamic_compiles_one_graph_for_all_lengths(h):
     assert counts == [1] * len(lengths), list(zip(lengths, counts))
     more = _run_lengths(model, fn, calls, [10, 12, 30, 9], mark=True)
     assert more[-1] <= 2 and more[0] == more[-1], more
+
+
+def test_the_default_selector_compiles_one_graph_for_all_lengths(h):
+    """The default `stage` selector smooths its scores with a max-pool over the candidates. The pool must
+    keep the candidate count symbolic: F.max_pool1d's shape check guarded on it, so every new length
+    recompiled (under Inductor: the FX graph alone keeps the symbol). Fractional budgets."""
+    torch._dynamo.reset()
+    model = h.model("llama")
+    opts = dict(start_layer=1, stage_ends=[1, 2], budgets=[0.5, 0.375], min_tokens=1, pool=5, pool_kind="max")
+    fn, calls = _counting_compile(model, opts)
+    lengths = [24, 40, 33, 57]
+    counts = _run_lengths(model, fn, calls, lengths, mark=True, options=opts)
+    assert counts == [1] * len(lengths), list(zip(lengths, counts))
 
 
 # ---------------------------------------------------------------------------------------------
