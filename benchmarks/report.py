@@ -149,13 +149,14 @@ def render(results: dict) -> str:
                      _f(r.get("prefill_speedup_vs_eager"), "{:.2f}x"),
                      _f(_med(r, "e2e_16_s")), _f(r.get("e2e_16_speedup_vs_inductor"), "{:.2f}x"),
                      _f(_med(r, "e2e_64_s")), _f(r.get("e2e_64_speedup_vs_inductor"), "{:.2f}x"),
-                     _f(c.get("first_call_seconds"), "{:.0f}"), f"{c.get('graphs_compiled', 0)}/{r.get('graphs_total', 0)}",
+                     _f(c.get("first_call_seconds"), "{:.0f}"), _f(c.get("warm_first_call_seconds"), "{:.0f}"),
+                     f"{c.get('graphs_compiled', 0)}/{r.get('graphs_total', 0)}",
                      _f((r.get("kv_bytes") or 0) / 2**20, "{:.1f}"), _f(r.get("kv_fraction_of_dense"), "{:.0%}"),
                      _f(r.get("peak_rss_delta_bytes", 0) / 2**20, "{:.0f}"),
                      _f((r.get("plan") or {}).get("flop_ratio")), _f(r.get("speedup_fraction_of_planned"), "{:.0%}")])
     if rows:   # (none with --only batch)
         parts.append(tabulate(rows, headers=["N", "config", "prefill s med [min-max]", "x ind med/min", "x eager",
-                                             "+16 s", "x ind", "+64 s", "x ind", "1st call s", "graphs new/all",
+                                             "+16 s", "x ind", "+64 s", "x ind", "1st call s", "warm 1st s", "graphs new/all",
                                              "KV MiB", "KV %", "peak +MiB", "FLOP ratio", "% of planned"]))
     if results.get("accuracy"):
         table = defaultdict(dict)

@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,8 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         '\'{"start_layer": 9, "stage_ends": [12, 16, 21, 26]}\' or \'{"selector": "once"}\'')
     p.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
                    help="torch.compile(dynamic=...): auto (None, the default) compiles static first")
+    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile cold and warm: this process compiles into a fresh Inductor cache folder "
+                        "(OUT/inductor-cache), then a second process per compiled configuration and length "
+                        "repeats the warm-up call on that folder (its first call is the 'warm 1st call s' column)")
     # Development only: stand-in backends (e.g. "eager") to exercise the harness without compiling.
     p.add_argument("--spts-backend", default="spts", help=argparse.SUPPRESS)
+    p.add_argument("--warm-child", default=None, metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--dense-backend", default="inductor", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.options = H.spts_options(a.options)   # a bad option: the ValueError naming it, before anything loads
@@ -162,6 +169,55 @@ def warm(v: H.Variant, ids, tok, length, new_tokens, store) -> H.CallResult:
     log(f"  {length} warm-up {v.name:12s} {wall:7.1f}s  (+{v.graphs - before_graphs} graphs, "
         f"{v.backend_seconds - before_s:.1f}s in the backend)")
     return r
+
+
+def warm_start(args, variants, length, n_tok, tagged: bool, compile_log) -> None:
+    """The warm column: per compiled main configuration, a second process repeats this length's warm-up call
+    on the Inductor cache folder this process filled; its first call is what a user's next process pays."""
+    for v in variants:
+        if v.group != "main" or v.backend is None:
+            continue
+        options = None if v.options is None else {k: x for k, x in v.options.items() if k != "calibration"}
+        spec = {"name": v.name, "backend": v.backend, "options": options, "tokens": n_tok,
+                "calibrated": options is not None and "calibration" in v.options,
+                "tag": f"{v.name}@{length}" if tagged else None}   # the entry make_variant gave it here
+        cmd = [sys.executable, "-m", "benchmarks.run", "--model", args.model, "--threads", str(args.threads),
+               "--dynamic", args.dynamic, "--warm-child", json.dumps(spec)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        entry = compile_log.setdefault(v.name, {}).setdefault(length, {})
+        if proc.returncode:
+            entry["warm_error"] = proc.stderr[-2000:]
+            log(f"  {length} warm start {v.name}: the second process failed (rc {proc.returncode}); see bench.json")
+            continue
+        entry.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        entry["warm_process_seconds"] = time.perf_counter() - t
+        log(f"  {length} warm start {v.name:12s} {entry['warm_first_call_seconds']:7.1f}s  (cold "
+            f"{entry.get('first_call_seconds', float('nan')):.1f}s; FX graph cache {entry['warm_fx_cache']})")
+
+
+def warm_child(args) -> int:
+    """The second process of `warm_start`: the same configuration, length and call; prints one JSON line."""
+    from torch._dynamo.utils import counters
+
+    spec = json.loads(args.warm_child)
+    if spec["backend"] == "spts":
+        import spts_compile  # noqa: F401  registers the backend
+    model, tok = load_model(args.model)
+    options = spec["options"]
+    if spec["calibrated"]:
+        options = dict(options, calibration=calibration_for(model, tok, args.model))
+    v = H.make_variant(model, H.Variant(spec["name"], spec["backend"], options),
+                       dynamic={"auto": None, "true": True, "false": False}[args.dynamic], tag=spec["tag"])
+    ids = D.fidelity_texts(tok, spec["tokens"], count=1, seed=1)[0][1]
+    store: dict = {}
+    warm(v, ids, tok, spec["tokens"], WARM_NEW_TOKENS, store)
+    first = store[v.name][spec["tokens"]]
+    ind = counters["inductor"]
+    print(json.dumps({"warm_first_call_seconds": first["first_call_seconds"],
+                      "warm_graphs_compiled": first["graphs_compiled"],
+                      "warm_fx_cache": {k: ind[f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass")}}))
+    return 0
 
 
 def speed_phase(args, variants, length, ids, tok, results, compile_log, save):
@@ -287,9 +343,15 @@ def _needle_tokens(s: D.Sample, tok) -> list[int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     H.setup_process(args.threads)
+    if args.warm_child:
+        return warm_child(args)
     dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.warm_start:  # before anything compiles: this process's first calls are cold, the children's warm
+        cache = out / "inductor-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache.resolve())
     log(f"torch {torch.__version__}, threads: torch.get_num_threads() = {torch.get_num_threads()}, "
         f"mode: {'quick' if args.quick else 'full'}, " +
         (f"lengths {args.lengths}, reps {args.reps}" if args.only is None else f"only {args.only}") +
@@ -342,6 +404,10 @@ def main(argv=None) -> int:
         log(f"length {length}: timing prompt = {n_tok} tokens of the essays")
         kind, ids = D.fidelity_texts(tok, n_tok, count=1, seed=1)[0]
         dense = speed_phase(args, variants, length, ids, tok, results, compile_log, save)
+        if args.warm_start:
+            warm_start(args, variants, length, n_tok, i > 0, compile_log)
+            results["compile"] = compile_log
+            save()
         extra = [v for v in variants if v.group != "main"] if length == args.sweep_length else []
         for v in extra:  # compile baselines and sweep points before they are timed on the suite
             r = warm(v, ids, tok, length, 32, compile_log)

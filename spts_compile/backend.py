@@ -240,7 +240,9 @@ def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs, re
         gm.recompile()
         return gm.forward
     ours = {f"{t.__module__}.{t.__name__}": _source_hash() for t in _our_targets(gm)}
-    marked = dict(torch._inductor.config.unsafe_marked_cacheable_functions, **ours)
+    # sorted: the dict is part of the FX graph cache key, and a set of functions iterates in an order that
+    # changes from process to process (it follows their ids), which would make every warm start miss
+    marked = dict(sorted(dict(torch._inductor.config.unsafe_marked_cacheable_functions, **ours).items()))
     codes: list[str] = []
     hook = GraphLowering.save_output_code
     hits = counters["inductor"]["fxgraph_cache_hit"]
