@@ -36,6 +36,21 @@ def load_points(path: Path) -> tuple[dict, list[dict]]:
             "suite": meta.get("suite"), "tasks": meta.get("tasks")}, points
 
 
+def merge_runs(runs: list[tuple[dict, list[dict]]]) -> list[tuple[dict, list[dict]]]:
+    """Runs of one model, length and task list (the same dense answers) share one table and one figure row."""
+    merged: dict[tuple, tuple[dict, list[dict]]] = {}
+    for meta, points in runs:
+        d = meta["dense"]
+        key = (meta["model"], meta["length"], tuple(meta["tasks"] or ()), d["correct"], d["n"])
+        merged.setdefault(key, (meta, []))[1].extend(points)
+    return list(merged.values())
+
+
+def _texts(points: list[dict]) -> str:
+    counts = sorted({p["texts"] for p in points if p["texts"]})
+    return "/".join(map(str, counts)) or "0"
+
+
 def table(meta: dict, points: list[dict], speedups: dict) -> str:
     d = meta["dense"]
     lines = [f"{meta['model']} at {meta['length']} tokens, tasks {meta['tasks']}: dense {d['correct']}/{d['n']} "
@@ -81,7 +96,7 @@ def plot(runs: list[tuple[dict, list[dict]]], out: Path, speedups: dict) -> None
         ax_acc.set(title=f"{title}: accuracy, " + (", ".join(tasks) if len(tasks) < 3 else f"{len(tasks)} tasks"),
                    xlabel="planned FLOP ratio (spts / dense)", ylabel="fraction right", ylim=(-0.05, 1.05))
         ax_acc.legend(loc="lower right", fontsize=8)
-        ax_kl.set(title=f"{title}: median KL vs dense, {points[0]['texts'] if points else 0} texts",
+        ax_kl.set(title=f"{title}: median KL vs dense, {_texts(points)} texts",
                   xlabel="planned FLOP ratio (spts / dense)", ylabel="KL (log scale)", yscale="log")
         flops = [p["flop"] for p in points] or [0.5]
         mid, half = (min(flops) + max(flops)) / 2, max(0.1, (max(flops) - min(flops)) / 2 + 0.04)
@@ -113,7 +128,7 @@ def main(argv=None) -> int:
             speedups[name] = float(x)
         except ValueError:
             p.error(f"--speedups: {s!r} is not NAME=X with a number X")
-    runs = [load_points(f) for f in args.results]
+    runs = merge_runs([load_points(f) for f in args.results])
     text = "\n\n".join(table(m, pts, speedups) for m, pts in runs)
     print(text)
     plot(runs, args.out, speedups)
