@@ -1,8 +1,12 @@
 """Small queries on Dynamo's torch-level FX graphs, shared by the passes."""
 from __future__ import annotations
 
+import functools
+import hashlib
+
 import operator
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -137,3 +141,16 @@ def take_place(old: Node, new: Node) -> None:
         if key in old.meta and key not in new.meta:
             new.meta[key] = old.meta[key]
     old.replace_all_uses_with(new)
+
+
+@functools.cache
+def source_hash() -> str:
+    """sha256 of every Python file of the package (its passes included), in path order: what the caches that
+    outlive a process (Inductor's, the verdicts) key on, so that an edited helper or pass misses."""
+    import spts_compile
+    h = hashlib.sha256()
+    roots = {Path(__file__).resolve().parent, Path(spts_compile.__file__).resolve().parent}
+    for path in sorted({p for r in roots for p in r.rglob("*.py")}):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:32]

@@ -10,10 +10,17 @@ only their weights differing) compute the same function of their inputs and weig
 earliest, stands for the group: its verdict is every member's. The eager run stops as soon as the
 representatives' values are captured, so for a model whose layers are all alike it runs the embedding and
 the first layer or two, not the whole prompt through every layer and the LM head.
+
+A success is also written to disk, beside Inductor's caches (`<TORCHINDUCTOR_CACHE_DIR>/spts-verify`), keyed by
+the layer's signature, a fingerprint of the weights' values, this package's source and the torch version: a
+second process that compiles the same model with the same options takes the verdict instead of running the
+graph again (its note says so). `SPTS_VERIFY_CACHE=0` turns the disk cache off.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import re
 import time
 import weakref
@@ -28,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from spts_compile import runtime as rt
 
 from .blocks import attention_args, ffn_args
-from .graph_utils import module_path, shape_of
+from .graph_utils import module_path, shape_of, source_hash
 from .locate import GraphAnalysis, LayerSpec, slice_value
 
 
@@ -234,7 +241,17 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
     group_of: dict[str, LayerSpec] = {}
     for l in sorted(layers, key=lambda l: l.index):
         group_of.setdefault(signatures[l.index], l)
-    reps = list(group_of.values())   # one per signature, in layer order
+    disk = _DiskVerdicts(example_inputs)
+    verdicts = {}
+    for rep in group_of.values():
+        note = disk.get(signatures[rep.index])
+        if note is not None:
+            verdicts[rep.index] = None
+            rep.verify_note = note
+    reps = [l for l in group_of.values() if l.index not in verdicts]   # one per signature, in layer order
+    if not reps:
+        _take_verdicts(layers, group_of, signatures, verdicts, cached, disk)
+        return time.perf_counter() - t0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = dict(zip(placeholders, example_inputs))
     wanted = set().union(*(_nodes_of(l) for l in reps))
@@ -253,7 +270,6 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         return time.perf_counter() - t0
     values = interp.values
     pm = values.get(analysis.padding_mask) if analysis.padding_mask is not None else None
-    verdicts = {}
     for rep in reps:
         try:
             with torch.no_grad():
@@ -261,12 +277,64 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         except Exception as e:
             problem = f"canonical block failed: {type(e).__name__}: {e}"
         verdicts[rep.index] = problem
+        rep.verify_note = "reproduces the region" if problem is None else problem
+        if problem is None:
+            disk.put(signatures[rep.index], rep.verify_note)
+    _take_verdicts(layers, group_of, signatures, verdicts, cached, disk)
+    return time.perf_counter() - t0
+
+
+def _take_verdicts(layers, group_of, signatures, verdicts, cached, disk) -> None:
+    """Every layer takes its group representative's verdict (None: verified; the representative's
+    `verify_note` says how)."""
     for l in layers:
         rep = group_of[signatures[l.index]]
         problem = verdicts[rep.index]
         l.verified = problem is None
-        note = "reproduces the region" if problem is None else problem
+        note = rep.verify_note if problem is None else problem
         l.verify_note = note if rep is l else f"{note} (as layer {rep.index}, whose code it shares)"
         if l.verified:  # only successes are remembered: a failure is checked again next time
             cached[l.index] = l.verify_note
-    return time.perf_counter() - t0
+
+
+class _DiskVerdicts:
+    """Successful verdicts that outlive the process (module docstring). A key is the layer signature plus a
+    fingerprint of every weight's shape, dtype, sum and norm (float64): other values, other key."""
+
+    NOTE = "reproduces the region (verdict from the disk cache)"
+
+    def __init__(self, example_inputs):
+        self.folder = None
+        if os.environ.get("SPTS_VERIFY_CACHE", "1") == "0":
+            return
+        weights = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+        if not weights:
+            return
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        h = hashlib.sha256(f"{source_hash()} {torch.__version__}".encode())
+        with torch.no_grad():
+            for w in weights:
+                stats = torch.stack([w.sum(dtype=torch.float64), torch.linalg.vector_norm(w, dtype=torch.float64)])
+                h.update(f"{tuple(w.shape)} {w.dtype} {stats.tolist()}".encode())
+        self.model = h.hexdigest()
+        self.folder = os.path.join(cache_dir(), "spts-verify")
+
+    def _path(self, signature: str) -> str:
+        return os.path.join(self.folder, hashlib.sha256(f"{self.model}\n{signature}".encode()).hexdigest() + ".ok")
+
+    def get(self, signature: str) -> str | None:
+        if self.folder is not None and os.path.exists(self._path(signature)):
+            return self.NOTE
+        return None
+
+    def put(self, signature: str, note: str) -> None:
+        if self.folder is None:
+            return
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            tmp = self._path(signature) + f".{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(note + "\n")
+            os.replace(tmp, self._path(signature))
+        except OSError:   # a read-only or full cache folder costs the next process a run, nothing else
+            pass

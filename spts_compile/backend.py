@@ -9,13 +9,10 @@ calls, which owns the compile record).
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
 import itertools
 import logging
 import re
 import time
-from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -28,6 +25,7 @@ from .config import OptionError, SPTSConfig
 from . import kv_positions
 from .kv_positions import CompactedCacheError
 from .passes import cleanup, decode as decoding, locate, plan as planning, rewrite as rewriting, verify as verifying
+from .passes.graph_utils import source_hash
 from .runner import LOSS_MESSAGE, CompileRecord, LossError, PaddedCacheError, Runner, is_padded_batch, last_plan, \
     recorded_selection
 from .selectors import get as get_selector
@@ -239,7 +237,7 @@ def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs, re
     if cfg.compiler == "eager":
         gm.recompile()
         return gm.forward
-    ours = {f"{t.__module__}.{t.__name__}": _source_hash() for t in _our_targets(gm)}
+    ours = {f"{t.__module__}.{t.__name__}": source_hash() for t in _our_targets(gm)}
     # sorted: the dict is part of the FX graph cache key, and a set of functions iterates in an order that
     # changes from process to process (it follows their ids), which would make every warm start miss
     marked = dict(sorted(dict(torch._inductor.config.unsafe_marked_cacheable_functions, **ours).items()))
@@ -271,17 +269,6 @@ _KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.\w+\(", re.M)
 def _our_targets(gm: torch.fx.GraphModule) -> set:
     return {n.target for n in gm.graph.nodes
             if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(__package__ + ".")}
-
-
-@functools.cache
-def _source_hash() -> str:
-    """sha256 of every Python file of this package (its passes included), in path order."""
-    h = hashlib.sha256()
-    roots = {Path(__file__).resolve().parent, Path(locate.__file__).resolve().parent}
-    for path in sorted({p for r in roots for p in r.rglob("*.py")}):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:32]
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -93,3 +93,45 @@ def test_verdicts_are_remembered_for_the_same_model_and_released_with_it():
     torch._dynamo.reset()
     gc.collect()
     assert ref() is None, "the verdict cache keeps a dead model's weights alive"
+
+
+def _twin(model, change=None):
+    """Another model object with the same weight values (a second process, as far as verification can tell:
+    new weight ids miss the in-process verdicts), optionally changed by `change(twin)`."""
+    twin = make_model("llama", layers=4)
+    twin.load_state_dict(model.state_dict())
+    if change is not None:
+        with torch.no_grad():
+            change(twin)
+    return twin
+
+
+def test_a_verdict_on_disk_serves_a_model_with_the_same_weights_and_nothing_else(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPTS_VERIFY_CACHE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = make_model("llama", layers=4)
+    _, gm, example, a = graph_of(model=model)
+    verify.verify(gm, a, example, a.layers)
+    assert all(l.verified for l in a.layers) and not any("disk" in l.verify_note for l in a.layers)
+    assert len(list((tmp_path / "spts-verify").iterdir())) == 2      # layers 0 and 1 stand for all four
+
+    ran = []
+    real = verify._Capture.run_node
+    monkeypatch.setattr(verify._Capture, "run_node", lambda self, n: (ran.append(n), real(self, n))[1])
+    _, gm2, example2, a2 = graph_of(model=_twin(model))
+    verify.verify(gm2, a2, example2, a2.layers)
+    assert all(l.verified and "verdict from the disk cache" in l.verify_note for l in a2.layers), \
+        [l.verify_note for l in a2.layers]
+    assert not ran, "the graph ran although every verdict was on disk"
+
+    _, gm3, example3, a3 = graph_of(model=_twin(model))
+    a3.layers[3].attn.norm.eps = 0.5            # what the matcher read differs: its own check, which fails
+    verify.verify(gm3, a3, example3, a3.layers)
+    assert [l.verified for l in a3.layers] == [True, True, True, False]
+    assert "layer 3 attention" in a3.layers[3].verify_note
+
+    changed = _twin(model, lambda m: m.model.layers[2].mlp.up_proj.weight.mul_(1.001))
+    _, gm4, example4, a4 = graph_of(model=changed)
+    verify.verify(gm4, a4, example4, a4.layers)  # other values, other key: verified afresh
+    assert all(l.verified and "disk" not in l.verify_note for l in a4.layers), [l.verify_note for l in a4.layers]
+    assert ran
