@@ -250,7 +250,7 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
             rep.verify_note = note
     reps = [l for l in group_of.values() if l.index not in verdicts]   # one per signature, in layer order
     if not reps:
-        _take_verdicts(layers, group_of, signatures, verdicts, cached, disk)
+        _take_verdicts(layers, group_of, signatures, verdicts, cached)
         return time.perf_counter() - t0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = dict(zip(placeholders, example_inputs))
@@ -280,11 +280,11 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         rep.verify_note = "reproduces the region" if problem is None else problem
         if problem is None:
             disk.put(signatures[rep.index], rep.verify_note)
-    _take_verdicts(layers, group_of, signatures, verdicts, cached, disk)
+    _take_verdicts(layers, group_of, signatures, verdicts, cached)
     return time.perf_counter() - t0
 
 
-def _take_verdicts(layers, group_of, signatures, verdicts, cached, disk) -> None:
+def _take_verdicts(layers, group_of, signatures, verdicts, cached) -> None:
     """Every layer takes its group representative's verdict (None: verified; the representative's
     `verify_note` says how)."""
     for l in layers:
