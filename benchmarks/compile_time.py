@@ -40,7 +40,7 @@ def child(args) -> dict:
     import torch
 
     from . import data as D
-    from .harness import Variant, make_variant, spts_options
+    from .harness import Variant, fx_cache_counts, make_variant, spts_options
     from .models import load_model
 
     torch.set_num_threads(args.threads)
@@ -65,15 +65,13 @@ def child(args) -> dict:
     steady = [call(texts[lengths[0]])[0] for _ in range(args.steady)]
     others = {n: call(texts[n])[0] for n in lengths[1:]}
     plan = v.counter.prefill_plan if backend == "spts" else None
-    ind = counters["inductor"]
     return {
         "config": args.config, "options": options, "dynamic": bool(args.dynamic), "lengths": lengths,
         "threads": torch.get_num_threads(), "first_call_seconds": first, "steady_seconds": steady,
         "compile_seconds": first - statistics.median(steady), "backend_seconds": v.backend_seconds,
         "graphs_first_call": graphs_first, "graphs_total": v.graphs,
         "recompiles": v.graphs - graphs_first, "other_lengths_seconds": others,
-        "fx_cache": {"hit": ind["fxgraph_cache_hit"], "miss": ind["fxgraph_cache_miss"],
-                     "bypass": ind["fxgraph_cache_bypass"]},
+        "fx_cache": fx_cache_counts(),
         "aot_cache": {k: counters["aot_autograd"][f"autograd_cache_{k}"] for k in ("hit", "miss", "bypass")},
         "plan": {k: (plan or {}).get(k) for k in ("flop_ratio", "kv_ratio", "kernels", "inductor_cache",
                                                    "verify_seconds", "inductor_seconds", "compile_seconds")},

@@ -141,6 +141,12 @@ def make_variant(base_model, variant: Variant, dynamic: bool | None = None, tag:
     return variant
 
 
+def fx_cache_counts() -> dict:
+    """This process's Inductor FX graph cache hits, misses and bypasses so far."""
+    from torch._dynamo.utils import counters
+    return {k: counters["inductor"][f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass")}
+
+
 def own_entry(fn, tag: str):
     """`fn` behind a function with a code object of its own (same signature, for `generate`'s inspection)."""
     namespace = {"fn": fn}

@@ -46,6 +46,7 @@ WARM_NEW_TOKENS = 4   # x1 is the default preset itself
 
 
 _T0 = time.perf_counter()
+DYNAMIC = {"auto": None, "true": True, "false": False}   # --dynamic -> torch.compile(dynamic=...)
 
 
 def log(msg: str) -> None:
@@ -94,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
                    help="compile cold and warm: this process compiles into a fresh Inductor cache folder "
                         "(OUT/inductor-cache), then a second process per compiled configuration and length "
-                        "repeats the warm-up call on that folder (its first call is the 'warm 1st call s' column)")
+                        "repeats the warm-up call on that folder (its first call is the 'warm 1st s' column)")
     # Development only: stand-in backends (e.g. "eager") to exercise the harness without compiling.
     p.add_argument("--spts-backend", default="spts", help=argparse.SUPPRESS)
     p.add_argument("--warm-child", default=None, metavar="JSON", help=argparse.SUPPRESS)
@@ -198,8 +199,6 @@ def warm_start(args, variants, length, n_tok, tagged: bool, compile_log) -> None
 
 def warm_child(args) -> int:
     """The second process of `warm_start`: the same configuration, length and call; prints one JSON line."""
-    from torch._dynamo.utils import counters
-
     spec = json.loads(args.warm_child)
     if spec["backend"] == "spts":
         import spts_compile  # noqa: F401  registers the backend
@@ -208,15 +207,14 @@ def warm_child(args) -> int:
     if spec["calibrated"]:
         options = dict(options, calibration=calibration_for(model, tok, args.model))
     v = H.make_variant(model, H.Variant(spec["name"], spec["backend"], options),
-                       dynamic={"auto": None, "true": True, "false": False}[args.dynamic], tag=spec["tag"])
+                       dynamic=DYNAMIC[args.dynamic], tag=spec["tag"])
     ids = D.fidelity_texts(tok, spec["tokens"], count=1, seed=1)[0][1]
     store: dict = {}
     warm(v, ids, tok, spec["tokens"], WARM_NEW_TOKENS, store)
     first = store[v.name][spec["tokens"]]
-    ind = counters["inductor"]
     print(json.dumps({"warm_first_call_seconds": first["first_call_seconds"],
                       "warm_graphs_compiled": first["graphs_compiled"],
-                      "warm_fx_cache": {k: ind[f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass")}}))
+                      "warm_fx_cache": H.fx_cache_counts()}))
     return 0
 
 
@@ -345,7 +343,7 @@ def main(argv=None) -> int:
     H.setup_process(args.threads)
     if args.warm_child:
         return warm_child(args)
-    dynamic = {"auto": None, "true": True, "false": False}[args.dynamic]
+    dynamic = DYNAMIC[args.dynamic]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.warm_start:  # before anything compiles: this process's first calls are cold, the children's warm
