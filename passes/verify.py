@@ -88,7 +88,7 @@ def layer_signatures(gm: GraphModule, layers: list[LayerSpec]) -> dict[int, str]
                 v = a.meta.get("example_value", a.meta.get("val"))
                 return f"input{shape_of(a)}{getattr(v, 'dtype', '')}"
             if not a.all_input_nodes:   # a constant made outside the layer for it (torch.tensor(window))
-                return f"({a.op} {a.target!r} {a.args!r} {a.kwargs!r})"
+                return f"({a.op} {_target_text(a.target)} {a.args!r} {a.kwargs!r})"
             return a.name
 
         def field_token(a, local=local):
@@ -97,12 +97,28 @@ def layer_signatures(gm: GraphModule, layers: list[LayerSpec]) -> dict[int, str]
                 return f"{token(a)} read by %{reader}"
             return token(a)
 
-        lines = [f"{n.op} {n.target!r} {torch.fx.node.map_arg((n.args, n.kwargs), token)!r}"
+        lines = [f"{n.op} {_target_text(n.target)} {torch.fx.node.map_arg((n.args, n.kwargs), token)!r}"
                  for n in nodes_of[idx]]
         lines.append(_spec_text(spec.attn, field_token))
         lines.append(_spec_text(spec.ffn, field_token))
-        out[idx] = "\n".join(lines)
+        out[idx] = _ADDRESS.sub("", "\n".join(lines))
     return out
+
+
+# A signature is a disk key too (`_DiskVerdicts`), so it must read the same in every process: a function's
+# repr holds its address (`<function silu at 0x7f..>`), which differs between processes.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _target_text(target) -> str:
+    """A call target as text that is the same in every process: a method or module name as written, a
+    function by its qualified name (`torch.nn.functional.silu`)."""
+    if isinstance(target, str):
+        return repr(target)
+    try:
+        return torch.fx.node._get_qualified_name(target)
+    except Exception:   # a callable without a usable qualified name: its repr, without the address
+        return _ADDRESS.sub("", repr(target))
 
 
 def _spec_text(value, token) -> str:

@@ -248,7 +248,8 @@ with torch.no_grad():
 torch.save((logits, tokens), sys.argv[1])
 print(json.dumps({"cache": plan["inductor_cache"], "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
                   "aot_bypass": counters["aot_autograd"]["autograd_cache_bypass"], "kind": plan["kind"],
-                  "rewritten": plan["rewritten_layers"], "fx_miss": counters["inductor"]["fxgraph_cache_miss"]}))
+                  "rewritten": plan["rewritten_layers"], "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
+                  "notes": {r["layer"]: r["reason"] for r in plan["layers"] if r["verified"] == "yes"}}))
 """
 
 
@@ -257,8 +258,10 @@ def test_a_second_process_loads_the_rewritten_graph_from_inductors_caches(tmp_pa
     (FX graph cache and AOTAutograd cache hits, nothing bypassed) and computes the same logits. Then each
     generates: the second process compiles nothing at all (the cache-keeping prefill graph and the decode
     graphs hit too; the marked-function dict in the cache key was once in set order, which differs between
-    processes at random, so this catches that only sometimes)."""
+    processes at random, so this catches that only sometimes). The second process also takes the first's
+    verification verdicts from disk (their key once held function addresses, which differ per process)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1",
+               SPTS_VERIFY_CACHE="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     runs = []
     for i in range(2):
@@ -271,6 +274,9 @@ def test_a_second_process_loads_the_rewritten_graph_from_inductors_caches(tmp_pa
     assert cold["cache"] == "miss" and cold["aot_bypass"] == 0, cold
     assert warm["cache"] == "hit" and warm["aot_hit"] >= 1 and warm["aot_bypass"] == 0, warm
     assert cold["fx_miss"] >= 2 and warm["fx_miss"] == 0, (cold, warm)
+    assert cold["notes"] and not any("disk cache" in n for n in cold["notes"].values()), cold
+    assert warm["notes"].keys() == cold["notes"].keys(), (cold, warm)
+    assert all("verdict from the disk cache" in n for n in warm["notes"].values()), warm
     (l0, t0), (l1, t1) = (torch.load(tmp_path / f"logits{i}.pt") for i in range(2))
     assert torch.equal(l0, l1) and torch.equal(t0, t1)
 
