@@ -7,9 +7,11 @@ outputs. A layer that does not reproduce its region is left dense, and the reaso
 
 Layers whose regions are the same code (`layer_signatures`: the same ops on the same kinds of inputs, with
 only their weights differing) compute the same function of their inputs and weights, so one of them, the
-earliest, stands for the group: its verdict is every member's. The eager run stops as soon as the
-representatives' values are captured, so for a model whose layers are all alike it runs the embedding and
-the first layer or two, not the whole prompt through every layer and the LM head.
+earliest, stands for the group: its verdict is every member's. The earliest is chosen among every matched
+layer, also the ones the passes leave dense, so the representative of layers that skip from layer 11 may be
+layer 1. The eager run stops as soon as the representatives' values are captured, so for a model whose layers
+are all alike it runs the embedding and the first layer or two, not the whole prompt through every layer and
+the LM head.
 
 A success is also written to disk, beside Inductor's caches (`<TORCHINDUCTOR_CACHE_DIR>/spts-verify`), keyed by
 the layer's signature, a fingerprint of the weights' values, this package's source and the torch version: a
@@ -242,9 +244,11 @@ def _verdicts_for(gm: GraphModule, example_inputs) -> dict[int, str]:
 
 def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: list[LayerSpec]) -> float:
     """Run the graph once and mark each layer in `layers` verified or not. Returns seconds spent.
-    Only the earliest layer of each group of alike layers (`layer_signatures`) is run through its canonical
-    block; the others take its verdict. Verdicts are cached by graph signature, so a recompile for a new
-    length does not run it again."""
+    Only the earliest matched layer of each group of alike layers (`layer_signatures`) is run through its
+    canonical block, and it may be a layer outside `layers` that the passes leave dense: the code is the
+    same, so its check is theirs, and the eager run to capture its values is short (SmolLM2 skips from layer
+    11; its layer 1 stands for layers 11-29). A representative outside `layers` is not marked. Verdicts are
+    cached by graph signature, so a recompile for a new length does not run it again."""
     t0 = time.perf_counter()
     if not layers:
         return 0.0
@@ -253,20 +257,24 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         for l in layers:
             l.verified, l.verify_note = True, cached[l.index] + " (cached verdict)"
         return time.perf_counter() - t0
-    signatures = layer_signatures(gm, layers)
+    pool = {l.index: l for l in analysis.layers if l.matched}
+    pool.update((l.index, l) for l in layers)
+    signatures = layer_signatures(gm, list(pool.values()))
+    wanted_groups = {signatures[l.index] for l in layers}
     group_of: dict[str, LayerSpec] = {}
-    for l in sorted(layers, key=lambda l: l.index):
-        group_of.setdefault(signatures[l.index], l)
+    for l in sorted(pool.values(), key=lambda l: l.index):
+        if signatures[l.index] in wanted_groups:
+            group_of.setdefault(signatures[l.index], l)
     disk = _DiskVerdicts(example_inputs)
-    verdicts = {}
+    verdicts: dict[int, str | None] = {}   # representative -> its problem (None: it reproduces its region)
+    notes: dict[int, str] = {}
     for rep in group_of.values():
         note = disk.get(signatures[rep.index])
         if note is not None:
-            verdicts[rep.index] = None
-            rep.verify_note = note
+            verdicts[rep.index], notes[rep.index] = None, note
     reps = [l for l in group_of.values() if l.index not in verdicts]   # one per signature, in layer order
     if not reps:
-        _take_verdicts(layers, group_of, signatures, verdicts, cached)
+        _take_verdicts(layers, group_of, signatures, verdicts, notes, cached)
         return time.perf_counter() - t0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = dict(zip(placeholders, example_inputs))
@@ -293,21 +301,19 @@ def verify(gm: GraphModule, analysis: GraphAnalysis, example_inputs, layers: lis
         except Exception as e:
             problem = f"canonical block failed: {type(e).__name__}: {e}"
         verdicts[rep.index] = problem
-        rep.verify_note = "reproduces the region" if problem is None else problem
+        notes[rep.index] = "reproduces the region" if problem is None else problem
         if problem is None:
-            disk.put(signatures[rep.index], rep.verify_note)
-    _take_verdicts(layers, group_of, signatures, verdicts, cached)
+            disk.put(signatures[rep.index], notes[rep.index])
+    _take_verdicts(layers, group_of, signatures, verdicts, notes, cached)
     return time.perf_counter() - t0
 
 
-def _take_verdicts(layers, group_of, signatures, verdicts, cached) -> None:
-    """Every layer takes its group representative's verdict (None: verified; the representative's
-    `verify_note` says how)."""
+def _take_verdicts(layers, group_of, signatures, verdicts, notes, cached) -> None:
+    """Every layer takes its group representative's verdict (`verdicts`: None = verified; `notes`: how)."""
     for l in layers:
         rep = group_of[signatures[l.index]]
-        problem = verdicts[rep.index]
-        l.verified = problem is None
-        note = rep.verify_note if problem is None else problem
+        l.verified = verdicts[rep.index] is None
+        note = notes[rep.index]
         l.verify_note = note if rep is l else f"{note} (as layer {rep.index}, whose code it shares)"
         if l.verified:  # only successes are remembered: a failure is checked again next time
             cached[l.index] = l.verify_note

@@ -56,6 +56,30 @@ def test_alike_layers_take_the_earliest_ones_verdict_and_the_run_stops_there(mon
     assert layers_run == {0, 1}, layers_run
 
 
+def test_layers_that_skip_late_are_checked_on_an_early_dense_layer_with_their_code(monkeypatch):
+    """Only layers 2 and 3 are to be verified (the passes skip from layer 2), but layer 1 is the same code:
+    its check stands for them, the eager run stops after layer 1, and layers 0 and 1 stay unmarked (they are
+    left as compiled). A wrong spec on the dense layer 1 is caught in 2 and 3's verdict."""
+    model = make_model("llama", layers=4)
+    _, gm, example, a = graph_of(model=model)
+    ran = []
+    real = verify._Capture.run_node
+    monkeypatch.setattr(verify._Capture, "run_node",
+                        lambda self, n: (n.op != "placeholder" and ran.append(n), real(self, n))[1])
+    verify.verify(gm, a, example, a.layers[2:])
+    assert all(l.verified and "as layer 1" in l.verify_note for l in a.layers[2:]), [l.verify_note for l in a.layers]
+    assert [(l.verified, l.verify_note) for l in a.layers[:2]] == [(False, "")] * 2
+    assert {w[0] for w in map(verify.module_path, ran) if w is not None} == {0, 1}
+
+    _, gm2, example2, a2 = graph_of(model=make_model("llama", layers=4))
+    a2.layers[1].ffn.act = "gelu"              # what layer 1's check runs differs from its graph
+    for l in a2.layers[2:]:
+        l.ffn.act = "gelu"                     # and 2 and 3 read alike, so layer 1 stands for them
+    verify.verify(gm2, a2, example2, a2.layers[2:])
+    assert not any(l.verified for l in a2.layers[2:])
+    assert all("layer 1 FFN" in l.verify_note for l in a2.layers[2:]), [l.verify_note for l in a2.layers]
+
+
 def test_a_layer_the_matcher_read_differently_is_checked_on_its_own():
     """Same code, but layer 3's spec says something else (a wrong eps): it is not grouped with layer 1, and its
     own check catches it; layer 2 still shares layer 1's verdict."""
