@@ -63,6 +63,16 @@ def module_path(node: Node) -> tuple[int, str | None, str | None, type | str] | 
     return None
 
 
+def layer_ops(graph):
+    """(node, module_path(node)) for every op node of `graph` inside a decoder layer, in graph order: what
+    both the matcher's regions and verification's signatures group by layer."""
+    for n in graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            where = module_path(n)
+            if where is not None:
+                yield n, where
+
+
 def _clean_path(path: str) -> str:
     # Dynamo writes "L['args'][0].model.layers.0" or "L['self'].model.layers[0]"; keep the attribute path.
     return re.sub(r"\[(\d+)\]", r".\1", re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", path)).lstrip(".")

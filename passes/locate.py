@@ -20,7 +20,7 @@ from spts_compile import families
 from spts_compile.families import Family
 
 from .graph_utils import (ADD, LINEAR, MATMUL, SDPA, SOFTMAX, ancestors, example_value, external_inputs,
-                          is_add, is_call, is_method, is_mul, module_path, output_nodes, region_output,
+                          is_add, is_call, is_method, is_mul, layer_ops, output_nodes, region_output,
                           shape_of)
 
 
@@ -169,13 +169,7 @@ def _layer_regions(gm: GraphModule) -> dict[int, dict[str | None, list[Node]]]:
     """layer index -> child module name (None: the layer's own ops) -> nodes in graph order; the key
     "class" holds the layer's class."""
     regions: dict[int, dict[str | None, list[Node]]] = defaultdict(lambda: defaultdict(list))
-    for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_method", "call_module"):
-            continue
-        where = module_path(n)
-        if where is None:
-            continue
-        idx, child, grandchild, layer_class = where
+    for n, (idx, child, grandchild, layer_class) in layer_ops(gm.graph):
         regions[idx]["class"] = layer_class
         regions[idx][child].append(n)
         regions[idx][(child, grandchild)].append(n)

@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from spts_compile import runtime as rt
 
 from .blocks import attention_args, ffn_args
-from .graph_utils import module_path, shape_of, source_hash
+from .graph_utils import layer_ops, module_path, shape_of, source_hash
 from .locate import GraphAnalysis, LayerSpec, slice_value
 
 
@@ -71,11 +71,9 @@ def layer_signatures(gm: GraphModule, layers: list[LayerSpec]) -> dict[int, str]
     only if the matcher read their alike code alike."""
     owner: dict[Node, int] = {}
     nodes_of: dict[int, list[Node]] = defaultdict(list)
-    for n in gm.graph.nodes:
-        where = module_path(n) if n.op in ("call_function", "call_method", "call_module") else None
-        if where is not None:
-            owner[n] = where[0]
-            nodes_of[where[0]].append(n)
+    for n, where in layer_ops(gm.graph):
+        owner[n] = where[0]
+        nodes_of[where[0]].append(n)
     out = {}
     for spec in layers:
         idx = spec.index
