@@ -187,6 +187,12 @@ def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[
     clean-up's form of the attention too."""
     a, f = spec.attn, spec.ffn
     n = values[a.x_in].shape[1]
+    keep = a.cache.keep if a.k_out is not None and a.cache is not None else None
+    problems = []
+    if n > PREFIX and keep is not None:
+        # A sliding-window cache holds the newest `keep` rows of all n, which a prefix does not compute: its K/V
+        # are checked at full length, with the O(n) parts of the block (the probe's K, V's projection).
+        problems += _window_cache_problems(spec, values, params, padding_mask, keep)
     if n > PREFIX:
         values = _prefix(values, spec, PREFIX)
         padding_mask = padding_mask[:, :PREFIX] if padding_mask is not None else None
@@ -202,10 +208,12 @@ def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[
     delta, k_act, v_act = rt.attend_active(*aa.attend(xn, cand, cand, k_all))
     h = rt.scatter_add_rows(x, cand, delta)
     h_all, k_dense, v_dense = rt.attend_all(*aa.attend_all(x))
-    problems = [_close(h, values[a.out], f"layer {spec.index} attention"),
-                _close(h_all, values[a.out], f"layer {spec.index} attention (dense form)")]
-    if a.k_out is not None:
-        keep = a.cache.keep if a.cache is not None else None
+    problems += [_close(h, values[a.out], f"layer {spec.index} attention"),
+                 _close(h_all, values[a.out], f"layer {spec.index} attention (dense form)")]
+    if a.k_out is not None and keep is not None and n > PREFIX:   # checked at full length above; here the two
+        problems += [_close(k_dense, k_act, f"layer {spec.index} K cache (dense form against the active form)"),
+                     _close(v_dense, v_act, f"layer {spec.index} V cache (dense form against the active form)")]
+    elif a.k_out is not None:
         if keep is not None:   # a sliding-window cache keeps the newest rows
             k_act, v_act, k_dense, v_dense = (rt.newest_rows(t, 2, keep) for t in (k_act, v_act, k_dense, v_dense))
         problems += [_close(k_act, values[a.k_out], f"layer {spec.index} K cache"),
@@ -217,6 +225,23 @@ def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[
     problems.append(_close(y, values[f.out], f"layer {spec.index} FFN"))
     problems = [p for p in problems if p]
     return {"h": h, "y": y}, (problems[0] if problems else None)
+
+
+def _window_cache_problems(spec: LayerSpec, values, params, padding_mask, keep: int) -> list:
+    """A sliding-window layer's cache outputs against the block's K (as the probe computes it for every
+    candidate) and V (its projection), at the captured full length, cut to the newest `keep` rows."""
+    a = spec.attn
+
+    def value(x):
+        return slice_value(x, lambda node: values[node] if node in values else params[node])
+    aa = attention_args(a, value)
+    x = values[a.x_in]
+    cand = rt.initial_candidates(x)
+    xn = rt.norm_apply(x, aa.norm)
+    k_all, _scores = rt.probe_attention(*aa.probe(xn, cand, rt.last_real_position(x, padding_mask), 1))
+    v_all = rt.project_heads(*aa.values(xn))
+    return [_close(rt.newest_rows(k_all, 2, keep), values[a.k_out], f"layer {spec.index} K cache"),
+            _close(rt.newest_rows(v_all, 2, keep), values[a.v_out], f"layer {spec.index} V cache")]
 
 
 # Verdicts per model, weakly keyed by its first weight (a verdict dies with its model): the graph's code

@@ -159,3 +159,27 @@ def test_a_verdict_on_disk_serves_a_model_with_the_same_weights_and_nothing_else
     verify.verify(gm4, a4, example4, a4.layers)  # other values, other key: verified afresh
     assert all(l.verified and "disk" not in l.verify_note for l in a4.layers), [l.verify_note for l in a4.layers]
     assert ran
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_a_sliding_window_cache_is_checked_past_the_prefix(monkeypatch, family):
+    """Past PREFIX tokens the block is checked on a prefix, but a sliding-window cache holds the newest rows of
+    the whole prompt: its K/V are checked at full length (once compared against the prefix's rows, so every
+    real model longer than 256 tokens failed, and Gemma 3 with a cache skipped one layer of 18). A wrong
+    spec is still caught."""
+    monkeypatch.setattr(verify, "PREFIX", 8)                # tiny window 8, 24 tokens: the real models' case
+    model = make_model(family, layers=2)
+    ids, _ = make_inputs(1, 24)
+    gm, example = capture_graph(model.forward, ids, use_cache=True)
+    a = locate.analyse(gm)
+    windowed = [l for l in a.layers if l.attn.cache is not None and l.attn.cache.keep is not None]
+    assert windowed and all(l.attn.cache.keep < 24 for l in windowed)
+    verify.verify(gm, a, example, a.layers)
+    assert all(l.verified for l in a.layers), [l.verify_note for l in a.layers]
+
+    gm2, example2 = capture_graph(make_model(family, layers=2).forward, ids, use_cache=True)
+    a2 = locate.analyse(gm2)
+    bad = next(l for l in a2.layers if l.attn.cache is not None and l.attn.cache.keep is not None)
+    bad.attn.norm.eps = 0.5
+    verify.verify(gm2, a2, example2, a2.layers)
+    assert not bad.verified and f"layer {bad.index}" in bad.verify_note
