@@ -210,7 +210,8 @@ def run_canonical_layer(spec: LayerSpec, values, params, padding_mask) -> tuple[
     h_all, k_dense, v_dense = rt.attend_all(*aa.attend_all(x))
     problems += [_close(h, values[a.out], f"layer {spec.index} attention"),
                  _close(h_all, values[a.out], f"layer {spec.index} attention (dense form)")]
-    if a.k_out is not None and keep is not None and n > PREFIX:   # checked at full length above; here the two
+    if a.k_out is not None and keep is not None and n > PREFIX:
+        # the active form's cache was checked at full length above; on the prefix, the dense form must agree
         problems += [_close(k_dense, k_act, f"layer {spec.index} K cache (dense form against the active form)"),
                      _close(v_dense, v_act, f"layer {spec.index} V cache (dense form against the active form)")]
     elif a.k_out is not None:
