@@ -39,21 +39,31 @@ def test_a_wrong_spec_is_caught_and_named():
     assert not a.layers[1].verified and "layer 1 FFN" in a.layers[1].verify_note
 
 
+def _record_ops(monkeypatch) -> list:
+    """The op nodes the verification's eager run executes, in order (placeholders left out)."""
+    ran = []
+    real = verify._Capture.run_node
+    monkeypatch.setattr(verify._Capture, "run_node",
+                        lambda self, n: (n.op != "placeholder" and ran.append(n), real(self, n))[1])
+    return ran
+
+
+def _layers_run(ran) -> set:
+    """The decoder layers whose ops ran (weights are inputs, so only ops name a layer)."""
+    return {w[0] for w in map(verify.module_path, ran) if w is not None}
+
+
 def test_alike_layers_take_the_earliest_ones_verdict_and_the_run_stops_there(monkeypatch):
     """Layers 2 and 3 are the same code as layer 1 (layer 0 reads the embedding, the others the layer before):
     layer 1's check stands for them, and the eager run ends once layers 0 and 1 are captured."""
     model = make_model("llama", layers=4)
     _, gm, example, a = graph_of(model=model)
-    ran = []
-    real = verify._Capture.run_node
-    monkeypatch.setattr(verify._Capture, "run_node",
-                        lambda self, n: (n.op != "placeholder" and ran.append(n), real(self, n))[1])
+    ran = _record_ops(monkeypatch)
     verify.verify(gm, a, example, a.layers)
     assert all(l.verified for l in a.layers), [l.verify_note for l in a.layers]
     assert [l.verify_note for l in a.layers[:2]] == ["reproduces the region"] * 2
     assert all("as layer 1" in l.verify_note for l in a.layers[2:])
-    layers_run = {w[0] for w in map(verify.module_path, ran) if w is not None}   # ops (weights are inputs)
-    assert layers_run == {0, 1}, layers_run
+    assert _layers_run(ran) == {0, 1}, _layers_run(ran)
 
 
 def test_layers_that_skip_late_are_checked_on_an_early_dense_layer_with_their_code(monkeypatch):
@@ -62,14 +72,11 @@ def test_layers_that_skip_late_are_checked_on_an_early_dense_layer_with_their_co
     left as compiled). A wrong spec on the dense layer 1 is caught in 2 and 3's verdict."""
     model = make_model("llama", layers=4)
     _, gm, example, a = graph_of(model=model)
-    ran = []
-    real = verify._Capture.run_node
-    monkeypatch.setattr(verify._Capture, "run_node",
-                        lambda self, n: (n.op != "placeholder" and ran.append(n), real(self, n))[1])
+    ran = _record_ops(monkeypatch)
     verify.verify(gm, a, example, a.layers[2:])
     assert all(l.verified and "as layer 1" in l.verify_note for l in a.layers[2:]), [l.verify_note for l in a.layers]
     assert [(l.verified, l.verify_note) for l in a.layers[:2]] == [(False, "")] * 2
-    assert {w[0] for w in map(verify.module_path, ran) if w is not None} == {0, 1}
+    assert _layers_run(ran) == {0, 1}, _layers_run(ran)
 
     _, gm2, example2, a2 = graph_of(model=make_model("llama", layers=4))
     a2.layers[1].ffn.act = "gelu"              # what layer 1's check runs differs from its graph
