@@ -16,7 +16,8 @@ Dense (eager Hugging Face) answers are cached per sample in a JSON-lines file (`
 prompt tokens, task, index, seed, depth, answer budget and a hash of the prompt ids, so a sweep never
 recomputes them; the dense fidelity runs (last-token logits and 32 greedy tokens per text) are cached in
 `--fidelity-cache`. Candidates run through the spts backend with `compiler="eager"` (the rewritten FX graph,
-no code generation), given by name (`tune.CANDIDATES`) or `--set NAME=JSON`. The output JSON is rewritten
+no code generation) unless their options name another `compiler` (`--set 'ind={"compiler": "inductor"}'`
+runs the default through Inductor), given by name (`tune.CANDIDATES`) or `--set NAME=JSON`. The output JSON is rewritten
 after every config (and in `--dense-only` mode after every sample), so an interrupted run keeps what it
 measured.
 """
@@ -376,7 +377,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         log(f"{name}: {opts if 'calibration' not in opts else dict(opts, calibration='pydoc 64x512')}")
         try:
-            v = make_variant(model, Variant(name, "spts", dict(min_tokens=256, compiler="eager", **opts)))
+            v = make_variant(model, Variant(name, "spts", {"min_tokens": 256, "compiler": "eager", **opts}))
             m = v.model
             fid = []
             for (kind, ids), dense in zip(texts, dense_fid):
