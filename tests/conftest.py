@@ -12,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["SPTS_VERIFY_CACHE"] = "0"
 sys.path.insert(0, os.path.dirname(__file__))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (the README runs two workers) each worker takes one thread, so the two share the cores
+# rather than oversubscribe them.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 torch._dynamo.config.cache_size_limit = 64
 
 
