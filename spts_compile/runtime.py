@@ -2,8 +2,10 @@
 
 Each skipping block becomes a short chain of calls to these functions (probe -> select -> gather ->
 block on active rows -> scatter). They are ordinary tensor code: AOTAutograd traces through them and
-Inductor fuses them, exactly as it would the model's own code. Sizes are computed with `torch.sym_min`
-and integer arithmetic so that a symbolic sequence length never guards.
+Inductor fuses them, exactly as it would the model's own code. Sizes are computed with integer arithmetic,
+so a symbolic sequence length never guards on its value; a min or max of two sizes (`size_min`, `size_max`)
+guards on which side wins (a relation such as 3N//8 <= N - N//8, true for every length of a regime) and keeps
+the winner's plain expression.
 
 Shapes: x [B, C, D] rows of the residual stream (C candidates), `cand` [B, C] the candidates' original
 positions, `idx` [B, M] indices into the candidate list, cos/sin [B|1, N, hd] indexed by original position,
@@ -144,7 +146,7 @@ def probe_attention(xn, cand, last_c, cos, sin, mask, wq, bq, wk, bk, q_norm, k_
     b, c = xn.shape[0], xn.shape[1]
     k = project_heads(xn, wk, bk, head_dim, k_norm)
     k = apply_rope(k, gather_rows(cos, cand), gather_rows(sin, cand))
-    probe_queries = torch.sym_min(probe_queries, c)   # never more probe rows than candidates
+    probe_queries = size_min(probe_queries, c)   # never more probe rows than candidates
     offsets = torch.arange(probe_queries - 1, -1, -1, device=xn.device)
     probe_idx = (last_c.unsqueeze(1) - offsets.unsqueeze(0)).clamp(min=0)          # [B, P]
     probe_pos = cand.gather(1, probe_idx)
@@ -247,9 +249,23 @@ def top_rows(scores, last_c, m):
     return (c - 1 - order).sort(dim=1).values
 
 
+def size_min(a, b):
+    """min(a, b) of two sizes. On symbolic sizes it guards on which side wins and returns that side's own
+    expression. torch.sym_min would nest a Min in every later stage's sizes, and Inductor's C++ index
+    simplification (sympy) grows steeply with each nesting: a 4-layer tiny model with two stages spent 60% of
+    its dynamic compile there. Inductor guards on most of these relations anyway, so a regime costs at most the
+    recompile it cost before."""
+    return a if a <= b else b
+
+
+def size_max(a, b):
+    """max(a, b) of two sizes; see size_min."""
+    return a if a >= b else b
+
+
 def select_active(scores, last_c, budget, n_ref):
     """Top-M rows, M = max(1, min(budget tokens of N, C)), with N = n_ref.shape[-1]."""
-    m = torch.sym_max(1, torch.sym_min(budget_tokens(budget, n_ref.shape[-1]), scores.shape[1]))
+    m = size_max(1, size_min(budget_tokens(budget, n_ref.shape[-1]), scores.shape[1]))
     return top_rows(scores, last_c, m)
 
 
@@ -322,5 +338,5 @@ def prune_keep(scores, last_c, prune, n_ref, real):
     if real is not None:
         scores = scores.masked_fill(~real, float("inf"))
     c = scores.shape[1]
-    p = torch.sym_min(budget_tokens(prune, n_ref.shape[-1]), c - 1)
+    p = size_min(budget_tokens(prune, n_ref.shape[-1]), c - 1)
     return top_rows(scores, last_c, c - p)
