@@ -121,6 +121,33 @@ def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
     return seen
 
 
+def _holds_a_tensor(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_holds_a_tensor(x) for x in v)
+    return False
+
+
+def value_ancestors(node: Node) -> set[Node]:
+    """The nodes whose values flow into `node`: `ancestors`, without following what only a size, dtype or device
+    was read from. Under dynamic shapes a size is a node (`x.size(1)`, a SymInt), and a tensor whose size alone
+    reaches `node` (input_ids sizing a mask) is not one of its value sources. A node whose example value holds no
+    tensor (an int, a SymInt, a shape) is kept but not followed; a node without an example value is followed."""
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            v = example_value(a)
+            if v is None or a.op == "placeholder" or _holds_a_tensor(v):
+                todo.append(a)
+    return seen
+
+
 def output_nodes(gm) -> list[Node]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     return [a for a in out.all_input_nodes]

@@ -21,7 +21,7 @@ from spts_compile.families import Family
 
 from .graph_utils import (ADD, LINEAR, MATMUL, SDPA, SOFTMAX, ancestors, example_value, external_inputs,
                           is_add, is_call, is_method, is_mul, layer_ops, output_nodes, region_output,
-                          shape_of)
+                          shape_of, value_ancestors)
 
 
 class Unmatched(Exception):
@@ -630,10 +630,11 @@ def _classify(gm: GraphModule, result: GraphAnalysis) -> None:
 
 
 def _find_padding_mask(gm, mask: Node | None, placeholders) -> Node | None:
-    """The user's 2D attention mask among the 4D mask's ancestors, if the mask reads one."""
+    """The user's 2D attention mask among the 4D mask's value sources, if the mask reads one. Only values count: in
+    a dynamic graph the mask is sized from input_ids (a 2D placeholder too) through a SymInt node."""
     if mask is None:
         return None
-    anc = ancestors(mask)
+    anc = value_ancestors(mask)
     for p in placeholders:
         v = example_value(p)
         if p in anc and isinstance(v, torch.Tensor) and v.dim() == 2 and not isinstance(v, torch.nn.Parameter):

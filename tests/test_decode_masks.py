@@ -22,13 +22,14 @@ OPTS = dict(start_layer=1, stage_ends=[1, 2], budgets=[16, 12], prune=4, min_tok
 N = 32
 STEPS = 6
 PAD = [0, 5]          # the padded batch: row 1 has 5 padding tokens on the left
-# (family, attention, selector). Both attentions on llama and on gemma3 (sliding and full layers, q/k norms);
-# mistral (sliding only), phi3 (fused projections), qwen2 (q/k/v biases) and qwen3 (q/k norms) with one each, all
-# with the paper's per-layer selector "probe". The default selector "stage" (keep-set, re-probed at each stage
-# start, with its own probe defaults: the last 64 queries, max over heads, a 25-token max-pool) on llama sdpa.
-CASES = [("llama", "sdpa", "probe"), ("llama", "eager", "probe"), ("gemma3", "sdpa", "probe"),
-         ("gemma3", "eager", "probe"), ("mistral", "eager", "probe"), ("phi3", "sdpa", "probe"),
-         ("qwen2", "eager", "probe"), ("qwen3", "sdpa", "probe"), ("llama", "sdpa", "stage")]
+# (family, attention, selector): every family with both attentions: llama, gemma3 (sliding and full layers, q/k
+# norms), mistral (sliding only), phi3 (fused projections), qwen2 (q/k/v biases) and qwen3 (q/k norms), with the
+# paper's per-layer selector "probe". The default selector "stage" (keep-set, re-probed at each stage start, with
+# its own probe defaults: the last 64 queries, max over heads, a 25-token max-pool) on llama sdpa.
+CASES = [(f, a, "probe") for f in ("llama", "gemma3", "mistral", "phi3", "qwen2", "qwen3") for a in ("sdpa", "eager")]
+CASES.append(("llama", "sdpa", "stage"))
+# Batch 1 without a mask, sdpa, on these families: tests/test_family_generate.py runs it with Inductor.
+FAMILY_GENERATE_SDPA = ("mistral", "phi3", "qwen3")
 
 
 class Compiled:
@@ -92,8 +93,8 @@ def test_generate_batch_one_without_padding(compiled):
     """No attention_mask reaches the decode steps (generate drops an all-ones mask): sdpa decodes unmasked,
     eager with the model's causal mask, sliding layers with their window. (tests/test_family_generate.py runs
     this case with Inductor on every family.)"""
-    if compiled.family not in ("llama", "gemma3"):
-        pytest.skip("covered by test_family_generate")
+    if compiled.attn == "sdpa" and compiled.family in FAMILY_GENERATE_SDPA:
+        pytest.skip("covered by test_family_generate (Inductor)")
     ids, am = make_inputs(1, N, seed=3)
     compiled.assert_generates_each_row_alone(ids, am)
     assert spts_compile.last_plan()["rewritten_layers"] == [1, 2, 3]
@@ -113,27 +114,61 @@ def test_generate_padded_batch_equals_each_row_alone(compiled):
     assert spts_compile.last_plan()["rewritten_layers"] == [1, 2, 3]
 
 
-def test_second_call_continues_the_compacted_cache(compiled):
+@pytest.mark.parametrize("batch", ["padded-2", "one-no-mask"])
+def test_second_call_continues_the_compacted_cache(compiled, batch):
     """A prefill that keeps its cache, then a call with 5 new tokens on it (a next turn): every layer runs
-    dense on the new tokens over its own compacted entries. Logits of the real rows equal the reference's."""
-    ids, am = make_inputs(2, N, left_pad=PAD, seed=6)
-    more, _ = make_inputs(2, 5, seed=7)
+    dense on the new tokens over its own compacted entries. Logits of the real rows equal the reference's.
+    Padded batch 2 with its attention_mask on every call, or batch 1 with no attention_mask at all."""
+    padded = batch == "padded-2"
+    b = 2 if padded else 1
+    ids, am = make_inputs(b, N, left_pad=PAD if padded else None, seed=6)
+    more, _ = make_inputs(b, 5, seed=7)
     am2 = torch.cat([am, torch.ones_like(more)], dim=1)
-    ref = compiled.reference(ids, am)
+
+    def mask(m):
+        return {"attention_mask": m} if padded else {}
+    ref = compiled.reference(ids, am if padded else None)
     real = am.bool()
     with torch.no_grad():
-        first = compiled.model(ids, attention_mask=am, use_cache=True)
+        first = compiled.model(ids, use_cache=True, **mask(am))
         torch.testing.assert_close(first.logits[real], ref["logits"][real], atol=1e-4, rtol=1e-4)
-        second = compiled.model(more, attention_mask=am2, cache=first.past_key_values, use_cache=True)
+        second = compiled.model(more, cache=first.past_key_values, use_cache=True, **mask(am2))
     cache = reference_cache(ref)
     want = reference_step(compiled.model, cache, more)
     torch.testing.assert_close(second.logits, want, atol=1e-4, rtol=1e-4)
     # and one more decode step on top of the continued cache
     nxt = second.logits[:, -1].argmax(-1, keepdim=True)
     with torch.no_grad():
-        third = compiled.model(nxt, attention_mask=torch.cat([am2, torch.ones_like(nxt)], 1),
-                               cache=second.past_key_values, use_cache=True)
+        third = compiled.model(nxt, cache=second.past_key_values, use_cache=True,
+                               **mask(torch.cat([am2, torch.ones_like(nxt)], 1)))
     torch.testing.assert_close(third.logits, reference_step(compiled.model, cache, nxt), atol=1e-4, rtol=1e-4)
+
+
+def test_a_dynamic_continuation_graph_reads_the_attention_mask():
+    """dynamic=True: the continuation graph's input_ids has a symbolic length, from which transformers sizes the
+    4D mask, so input_ids is an ancestor of the mask. The per-layer masks must still read the 2D attention_mask
+    (once they took input_ids for it and refused the call: "the attention_mask has 5 columns"). Padded batch 2,
+    5 new tokens on the compacted cache, against the reference."""
+    torch._dynamo.reset()
+    model = make_model("llama", layers=4)
+    forward = model.forward
+    model.forward = torch.compile(forward, backend="spts", options=OPTS, dynamic=True)
+    try:
+        ids, am = make_inputs(2, N, left_pad=PAD, seed=20)
+        more, _ = make_inputs(2, 5, seed=21)
+        with torch.no_grad():
+            first = model(ids, attention_mask=am, use_cache=True)
+            got = model(more, attention_mask=torch.cat([am, _ones(2, 5)], 1), cache=first.past_key_values,
+                        use_cache=True).logits
+    finally:
+        model.forward = forward
+        torch._dynamo.reset()
+    schedule = SPTSConfig(**OPTS).resolve(4)
+    cfg = model.config
+    ref = reference_prefill(model, ids, am, schedule=schedule,
+                            proxies=build_proxies(model, *ltp_dims(schedule, cfg.intermediate_size, cfg.hidden_size)),
+                            selector="probe")
+    torch.testing.assert_close(got, reference_step(model, reference_cache(ref), more), atol=1e-4, rtol=1e-4)
 
 
 def _path_log_prob(model, ref, cache, tokens):
