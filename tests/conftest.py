@@ -13,8 +13,10 @@ os.environ["SPTS_VERIFY_CACHE"] = "0"
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Under pytest-xdist (the README runs two workers) each worker takes one thread, so the two share the cores
-# rather than oversubscribe them.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+# rather than oversubscribe them. SPTS_TEST_THREADS overrides it (to time one setting against another).
+_THREADS = os.environ.get("SPTS_TEST_THREADS")
+torch.set_num_threads(int(_THREADS) if _THREADS else 1 if os.environ.get("PYTEST_XDIST_WORKER")
+                      else min(2, os.cpu_count() or 1))
 torch._dynamo.config.cache_size_limit = 64
 
 
