@@ -28,7 +28,7 @@ PAD = [0, 5]          # the padded batch: row 1 has 5 padding tokens on the left
 # its own probe defaults: the last 64 queries, max over heads, a 25-token max-pool) on llama sdpa.
 CASES = [(f, a, "probe") for f in ("llama", "gemma3", "mistral", "phi3", "qwen2", "qwen3") for a in ("sdpa", "eager")]
 CASES.append(("llama", "sdpa", "stage"))
-# Batch 1 without a mask, sdpa, on these families: tests/test_family_generate.py runs it with Inductor.
+# Batch 1 without a mask, sdpa, on these families: tests/test_family_generate.py runs it (8 steps).
 FAMILY_GENERATE_SDPA = ("mistral", "phi3", "qwen3")
 
 
@@ -92,7 +92,7 @@ def compiled(request):
 def test_generate_batch_one_without_padding(compiled):
     """No attention_mask reaches the decode steps (generate drops an all-ones mask): sdpa decodes unmasked,
     eager with the model's causal mask, sliding layers with their window. (tests/test_family_generate.py runs
-    this case with Inductor on every family.)"""
+    this case on every family but llama, Gemma 3 through Inductor; tests/test_generate.py on llama.)"""
     if compiled.attn == "sdpa" and compiled.family in FAMILY_GENERATE_SDPA:
         pytest.skip("covered by test_family_generate (Inductor)")
     ids, am = make_inputs(1, N, seed=3)
