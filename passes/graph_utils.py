@@ -109,7 +109,9 @@ def region_output(region: list[Node]) -> Node | None:
     return outs[-1] if outs else None
 
 
-def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
+def ancestors(node: Node, stop: set[Node] | None = None, follow=None) -> set[Node]:
+    """Every node `node` reads, directly or not; a node in `stop` is neither taken nor followed, and a node for
+    which `follow(n)` is false is taken but not followed."""
     seen: set[Node] = set()
     todo = [node]
     while todo:
@@ -117,7 +119,8 @@ def ancestors(node: Node, stop: set[Node] | None = None) -> set[Node]:
         for a in n.all_input_nodes:
             if a not in seen and (stop is None or a not in stop):
                 seen.add(a)
-                todo.append(a)
+                if follow is None or follow(a):
+                    todo.append(a)
     return seen
 
 
@@ -129,23 +132,17 @@ def _holds_a_tensor(v) -> bool:
     return False
 
 
+def _carries_values(n: Node) -> bool:
+    v = example_value(n)
+    return v is None or n.op == "placeholder" or _holds_a_tensor(v)
+
+
 def value_ancestors(node: Node) -> set[Node]:
     """The nodes whose values flow into `node`: `ancestors`, without following what only a size, dtype or device
     was read from. Under dynamic shapes a size is a node (`x.size(1)`, a SymInt), and a tensor whose size alone
     reaches `node` (input_ids sizing a mask) is not one of its value sources. A node whose example value holds no
     tensor (an int, a SymInt, a shape) is kept but not followed; a node without an example value is followed."""
-    seen: set[Node] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a in seen:
-                continue
-            seen.add(a)
-            v = example_value(a)
-            if v is None or a.op == "placeholder" or _holds_a_tensor(v):
-                todo.append(a)
-    return seen
+    return ancestors(node, follow=_carries_values)
 
 
 def output_nodes(gm) -> list[Node]:

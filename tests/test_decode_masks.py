@@ -94,7 +94,7 @@ def test_generate_batch_one_without_padding(compiled):
     eager with the model's causal mask, sliding layers with their window. (tests/test_family_generate.py runs
     this case on every family but llama, Gemma 3 through Inductor; tests/test_generate.py on llama.)"""
     if compiled.attn == "sdpa" and compiled.family in FAMILY_GENERATE_SDPA:
-        pytest.skip("covered by test_family_generate (Inductor)")
+        pytest.skip("covered by test_family_generate")
     ids, am = make_inputs(1, N, seed=3)
     compiled.assert_generates_each_row_alone(ids, am)
     assert spts_compile.last_plan()["rewritten_layers"] == [1, 2, 3]
