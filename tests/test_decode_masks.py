@@ -81,7 +81,16 @@ class Compiled:
         assert got.tolist() == want.tolist()
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{a}" + ("" if s == "probe" else f"-{s}") for f, a, s in CASES])
+def _case_id(family, attn, selector):
+    return f"{family}-{attn}" + ("" if selector == "probe" else f"-{selector}")
+
+
+# One xdist group per case (`--dist loadgroup`): every test of a case runs on one worker, so its dynamo traces
+# (a tiny model's prefill, decode and continuation graphs, about 2 s each, most of each test's time) are made
+# once, not on both workers.
+@pytest.fixture(scope="module", params=[pytest.param(c, id=_case_id(*c),
+                                                     marks=pytest.mark.xdist_group(f"decode_masks-{_case_id(*c)}"))
+                                        for c in CASES])
 def compiled(request):
     c = Compiled(*request.param)
     yield c

@@ -27,6 +27,10 @@ def _generate(model, ids, am, new, **kw):
                               pad_token_id=0, **kw)
 
 
+# The tests that read the one generation run on one xdist worker (`--dist loadgroup`): it compiles once.
+ONE_WORKER = pytest.mark.xdist_group("generate-spts")
+
+
 @pytest.fixture(scope="module")
 def spts_generation():
     """One 32-token greedy generation through a counting wrapper around the spts backend. Each backend
@@ -51,6 +55,7 @@ def spts_generation():
     return model, ids, am, out, calls
 
 
+@ONE_WORKER
 def test_generate_matches_the_reference_on_the_compacted_cache(spts_generation):
     model, ids, am, out, _ = spts_generation
     sched = SPTSConfig(**GEN).resolve(DEPTH)
@@ -61,6 +66,7 @@ def test_generate_matches_the_reference_on_the_compacted_cache(spts_generation):
     assert got.tolist() == want.tolist()
 
 
+@ONE_WORKER
 def test_decode_appends_to_the_compacted_cache(spts_generation):
     """Every layer holds its prefill entries (N dense, the active tokens when skipping) plus one entry per
     decode step: the decode graphs neither compact nor re-expand the cache."""
@@ -73,6 +79,7 @@ def test_decode_appends_to_the_compacted_cache(spts_generation):
     assert got[0] == N + NEW - 1 and got[-1] < got[0]
 
 
+@ONE_WORKER
 def test_prefill_rewritten_once_and_decode_graphs_dense(spts_generation):
     *_, calls = spts_generation
     assert 1 <= len(calls) <= 3, f"{len(calls)} backend calls over a {NEW}-token generation"

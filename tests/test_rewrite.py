@@ -230,10 +230,21 @@ REF_CASES = [
     Case("llama", "sdpa", "once_guard", "cache", 40, compiler=E),
 ]
 CACHE_CASES = [c for c in REF_CASES if c.kind == "cache"]
-IDS = [c.id for c in REF_CASES]
+SINK_CASE = Case("llama", "sdpa", "guard", "pad", 40, compiler=E)
+assert SINK_CASE in REF_CASES
 
 
-@pytest.mark.parametrize("case", REF_CASES, ids=IDS)
+def _group(case: Case):
+    """The xdist group of the tests that read one case's run (`--dist loadgroup`): they run on one worker, so the
+    case compiles (Inductor for some) and its reference runs once, not once on each worker."""
+    return pytest.mark.xdist_group(f"rewrite-{case.id}")
+
+
+def by_case(cases):
+    return [pytest.param(c, id=c.id, marks=_group(c)) for c in cases]
+
+
+@pytest.mark.parametrize("case", by_case(REF_CASES))
 def test_logits_match_reference(h, case):
     r = h.run(case)
     assert r.plan["kind"] == "prefill" and r.plan["rewritten_layers"] == [1, 2, 3], r.plan["reason"]
@@ -241,7 +252,7 @@ def test_logits_match_reference(h, case):
     assert_real_close(r.out.logits, r.ref["logits"], r.am, what="logits")
 
 
-@pytest.mark.parametrize("case", REF_CASES, ids=IDS)
+@pytest.mark.parametrize("case", by_case(REF_CASES))
 def test_kept_positions_match_reference(h, case):
     r = h.run(case)
     sched = schedule_of(case.cfg)
@@ -263,10 +274,11 @@ def test_kept_positions_match_reference(h, case):
                 assert active.shape[1] == m
 
 
+@_group(SINK_CASE)
 def test_sink_and_window_tokens_are_active_in_every_skipping_layer(h):
     """With sink=2, window=4: each row's first two and last four real tokens are in every attention and FFN
     active set (they count against the budget), and no stage end prunes them."""
-    r = h.run(Case("llama", "sdpa", "guard", "pad", 40, compiler=E))
+    r = h.run(SINK_CASE)
     for block in ("attn", "ffn"):
         for layer, active in records(r, block).items():
             for b in range(2):
@@ -276,7 +288,7 @@ def test_sink_and_window_tokens_are_active_in_every_skipping_layer(h):
                 assert active.shape[1] == max(1, min(FULL["budgets"][min(layer - 1, 1)], 40))
 
 
-@pytest.mark.parametrize("case", CACHE_CASES, ids=[c.id for c in CACHE_CASES])
+@pytest.mark.parametrize("case", by_case(CACHE_CASES))
 def test_kv_cache_lengths_match_reference_and_plan(h, case):
     r = h.run(case)
     got = [k.shape[-2] for k, _ in cache_layers(r.out)]
@@ -286,7 +298,7 @@ def test_kv_cache_lengths_match_reference_and_plan(h, case):
     assert got[0] == case.n and min(got[1:]) < case.n  # dense layer 0 full, skipping layers compacted
 
 
-@pytest.mark.parametrize("case", CACHE_CASES, ids=[c.id for c in CACHE_CASES])
+@pytest.mark.parametrize("case", by_case(CACHE_CASES))
 def test_kv_cache_contents_match_reference(h, case):
     r = h.run(case)
     for i, ((k, v), (rk, rv)) in enumerate(zip(cache_layers(r.out), r.ref["kv"])):
@@ -294,6 +306,7 @@ def test_kv_cache_contents_match_reference(h, case):
         torch.testing.assert_close(v, rv, atol=ATOL, rtol=1e-5, msg=lambda m: f"layer {i} values: {m}")
 
 
+@_group(REF_CASES[0])
 def test_no_cache_when_use_cache_is_false(h):
     r = h.run(REF_CASES[0])
     assert r.out.past_key_values is None
@@ -311,6 +324,7 @@ def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[set[int]]:
 HS_CASE = Case("llama", "sdpa", "int", "pad", 24, hidden=True)
 
 
+@_group(HS_CASE)
 def test_hidden_states_are_full_length_and_match_reference(h):
     r = h.run(HS_CASE)
     hs, want = r.out.hidden_states, r.ref["hidden_states"]
@@ -321,6 +335,7 @@ def test_hidden_states_are_full_length_and_match_reference(h):
     assert_real_close(r.out.logits, r.ref["logits"], r.am, what="logits")
 
 
+@_group(HS_CASE)
 def test_rows_outside_the_active_sets_are_unchanged(h):
     """With PAP, LTP and MSDP on: a token neither block made active in a layer (a skipped candidate, or a
     token pruned earlier) leaves the layer bit-for-bit as it entered; the active ones change."""
