@@ -25,6 +25,7 @@ from spts_compile import runtime as rt
 from .blocks import attention_args, ffn_args, graph_value
 from .graph_utils import eliminate_dead_code, take_place
 from .locate import GraphAnalysis, LayerSpec
+from .outline import outline
 from .plan import LayerPlan, Plan
 
 
@@ -35,22 +36,30 @@ class RewriteResult:
     proxy_buffers: dict[int, list[int]]   # layer -> positions of its LTP proxy tensors in extra_inputs
     extra_inputs: list = None             # tensors appended to the graph's inputs (the LTP proxies)
     kv_layers: list = None                # layers whose cache positions are appended as outputs, in order
+    shared_modules: dict = None           # layer -> the outlined region module it calls (share_layers)
 
     def __post_init__(self):
         self.extra_inputs = [] if self.extra_inputs is None else self.extra_inputs
         self.kv_layers = [] if self.kv_layers is None else self.kv_layers
+        self.shared_modules = {} if self.shared_modules is None else self.shared_modules
 
 
 class _Builder:
     def __init__(self, graph: Graph, layer: int):
         self.graph, self.layer = graph, layer
         self.value = graph_value(graph)
+        self.created: list[Node] = []   # the layer's region, for passes/outline.py
 
     def __call__(self, name: str, fn, *args) -> Node:
-        return self.graph.create_node("call_function", fn, args, {}, name=f"l{self.layer}_{name}")
+        return self._add(fn, args, name)
 
     def item(self, node: Node, i: int, name: str) -> Node:
-        return self.graph.create_node("call_function", operator.getitem, (node, i), {}, name=f"l{self.layer}_{name}")
+        return self._add(operator.getitem, (node, i), name)
+
+    def _add(self, fn, args, name: str) -> Node:
+        node = self.graph.create_node("call_function", fn, args, {}, name=f"l{self.layer}_{name}")
+        self.created.append(node)
+        return node
 
 
 @dataclass
@@ -109,12 +118,16 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
     records: list[Node] = []
     kv_positions: list[Node] = []
     emit = _rewrite_layer_keep_set if plan.selector.keeps_set else _rewrite_layer
+    regions, carried = {}, {}
     for spec, lp in pairs:
         with graph.inserting_before(spec.ffn.out):
             b = _Builder(graph, spec.index)
             full, kv = emit(b, gm, spec, lp, plan, cfg, state, proxies, result, records, first.index)
             if spec.attn.k_out is not None:
                 kv = _cache_rows(b, spec, *kv)
+        regions[spec.index] = b.created
+        carried[spec.index] = [state.x, state.cand, state.last, state.base, state.real, state.forced,
+                               state.kept_scores]
         take_place(spec.ffn.out, full)
         if spec.attn.k_out is not None:
             output.replace_input_with(spec.attn.k_out, kv[0])
@@ -127,6 +140,12 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
     if extra:
         outs = output.args[0]
         output.args = ((*outs, *extra),) if isinstance(outs, (tuple, list)) else ((outs, *extra),)
+    if cfg.share_layers:   # before the dead code goes, so that a stage's last layer keeps its stage's code
+        replaced, result.shared_modules = outline(gm, regions, carried)
+        for spec, _ in pairs:
+            if spec.attn.k_out is not None:
+                spec.attn.k_out = replaced.get(spec.attn.k_out, spec.attn.k_out)
+                spec.attn.v_out = replaced.get(spec.attn.v_out, spec.attn.v_out)
     eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()

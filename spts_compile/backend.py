@@ -110,7 +110,7 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
         record.cleanup_layers = cleanup.apply(gm, analysis, plan)
     result = rewriting.rewrite(gm, analysis, plan, cfg, proxies) if first_skip is not None else None
     if result is not None:
-        record.rewritten_layers = result.rewritten_layers
+        record.rewritten_layers, record.layer_modules = result.rewritten_layers, result.shared_modules
     return _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm)
 
 
@@ -258,16 +258,20 @@ def _inner_compile(cfg: SPTSConfig, gm: torch.fx.GraphModule, example_inputs, re
         GraphLowering.save_output_code = hook
     if record is not None:
         record.kernels = len({k for c in codes for k in _KERNEL_DEF.findall(c)}) if codes else None
+        record.subgraphs = len({k for c in codes for k in _SUBGRAPH_DEF.findall(c)}) if codes else None
         record.cache = "hit" if counters["inductor"]["fxgraph_cache_hit"] > hits else "miss"
     return compiled
 
 
 # A kernel the wrapper code defines: `cpp_fused_add_mul_0 = async_compile.cpp_pybinding(...)`
 _KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.\w+\(", re.M)
+# A compiled invoke_subgraph body (an outlined skipping layer): `def repeated_subgraph0(args):`
+_SUBGRAPH_DEF = re.compile(r"^def (repeated_subgraph\d+)\(", re.M)
 
 
 def _our_targets(gm: torch.fx.GraphModule) -> set:
-    return {n.target for n in gm.graph.nodes
+    """This package's functions the graph calls, in the outlined layer modules too (passes/outline.py)."""
+    return {n.target for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
             if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(__package__ + ".")}
 
 

@@ -92,6 +92,9 @@ class SPTSConfig:
     seed: int = 0
     causal_cleanup: bool = True
     verify: bool = True
+    # Skipping layers whose rewritten code and shapes repeat compile once and share their kernels
+    # (passes/outline.py); False keeps every layer inline in one graph, as Inductor fuses it whole.
+    share_layers: bool = True
     # What runs the rewritten graph: Inductor (the point of the backend), or the FX graph as it is
     # ("eager": no code generation; for quick budget sweeps and for debugging a rewrite).
     compiler: str = "inductor"
@@ -130,7 +133,7 @@ class SPTSConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self) -> None:
-        for name in ("pap", "ltp", "msdp", "record_selection", "causal_cleanup", "verify"):
+        for name in ("pap", "ltp", "msdp", "record_selection", "causal_cleanup", "verify", "share_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"spts: {name} must be a bool, got {getattr(self, name)!r}")
         _check_layer_index("start_layer", self.start_layer, allow_fraction=True)

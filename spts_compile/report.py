@@ -128,7 +128,8 @@ def summary(record) -> dict:
            "proxy_seconds": round(record.proxy_seconds, 3), "inductor_seconds": round(record.inductor_seconds, 3),
            "dense_seconds": round(record.dense_seconds, 3),
            "compile_seconds": round(record.compile_seconds, 3),
-           "kernels": record.kernels, "inductor_cache": record.cache,
+           "kernels": record.kernels, "subgraphs": record.subgraphs, "layer_modules": record.layer_modules,
+           "inductor_cache": record.cache,
            "ltp_mode": record.ltp_mode, "selector": record.plan.selector.name if record.plan is not None else None,
            "causal_cleanup_layers": record.cleanup_layers,
            "rewritten_layers": record.rewritten_layers, "layers": layer_rows(record), "plan": plan_rows(record)}
@@ -193,12 +194,21 @@ def _int(x):
     return None if x is None else int(x)
 
 
+def _outlined_code(gm, layer_modules: dict) -> str:
+    """The outlined layer modules' code (share_layers), each headed by the layers that call it."""
+    parts = []
+    for name in dict.fromkeys(layer_modules.values()):
+        layers = ", ".join(str(l) for l, m in layer_modules.items() if m == name)
+        parts.append(f"\n\n# {name}: skipping layers {layers}\n{getattr(gm, name).code}")
+    return "".join(parts)
+
+
 def write_dump(debug_dir, record, before, after) -> Path:
     folder = Path(debug_dir) / f"graph_{os.getpid()}_{record.graph_id:03d}_{record.kind}"
     folder.mkdir(parents=True, exist_ok=True)
     if before is not None:
         (folder / "before.py").write_text(before)
-    (folder / "after.py").write_text(after.code)
+    (folder / "after.py").write_text(after.code + _outlined_code(after, record.layer_modules))
     s = summary(record)
     head = f"graph {record.graph_id}: {record.kind}" + (f" ({record.reason})" if record.reason else "")
     (folder / "layers.txt").write_text(head + "\n\n" + tabulate(s["layers"], headers="keys") + "\n")
@@ -211,7 +221,7 @@ def write_dump(debug_dir, record, before, after) -> Path:
     totals = {k: s.get(k) for k in ("flops_dense_at_n", "flops_planned_at_n", "flop_ratio", "kv_ratio",
                                    "kv_bytes_dense", "kv_bytes_planned", "ltp_mode", "ltp_channels", "ltp_rank",
                                    "causal_cleanup_layers", "selector", "compile_seconds", "verify_seconds",
-                                   "inductor_seconds", "kernels", "inductor_cache")}
+                                   "inductor_seconds", "kernels", "subgraphs", "layer_modules", "inductor_cache")}
     (folder / "plan.txt").write_text(head + "\n\n" + text + "\n\n" +
                                      "\n".join(f"{k}: {v}" for k, v in totals.items()) + "\n")
     (folder / "summary.json").write_text(json.dumps(s, indent=2, default=str))

@@ -13,6 +13,8 @@ positions, `idx` [B, M] indices into the candidate list, cos/sin [B|1, N, hd] in
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -340,3 +342,16 @@ def prune_keep(scores, last_c, prune, n_ref, real):
     c = scores.shape[1]
     p = size_min(budget_tokens(prune, n_ref.shape[-1]), c - 1)
     return top_rows(scores, last_c, c - p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared layer code (passes/outline.py)
+# ---------------------------------------------------------------------------------------------
+def run_layer(subgraph, name: str, *operands):
+    """One skipping layer's region, outlined into `subgraph`, called through the `invoke_subgraph`
+    higher-order op. Under tracing, every call with the same identifier reuses the first call's traced graph,
+    and Inductor compiles it once; so the identifier is the module's name (one per distinct region code) and
+    the operands' shapes, strides and dtypes. Run as it is, the op calls the module."""
+    from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+    shapes = ";".join(f"{o.dtype}{tuple(o.shape)}{o.stride()}{o.device}" for o in operands)
+    return invoke_subgraph(subgraph, f"{name}_{hashlib.sha256(shapes.encode()).hexdigest()[:16]}", *operands)

@@ -204,8 +204,10 @@ def test_debug_dir_dumps_graph_layers_and_plan(tmp_path):
     for name in ("before.py", "after.py", "layers.txt", "plan.txt", "summary.json"):
         assert (d / name).exists(), name
     after = (d / "after.py").read_text()
-    for step in ("l1_probe", "l1_select", "l1_gather", "l1_attend", "l1_scatter", "l1_ltp_score", "l1_prune"):
-        assert step in after, step
+    # each skipping layer's steps, in the outlined module it calls (share_layers), headed by its layers
+    assert "# spts_layer_0: skipping layers 1" in after
+    for step in ("probe", "select", "gather", "attend", "scatter", "ltp_score", "prune"):
+        assert f"    {step} = spts_compile_runtime" in after, step
     assert "l0_probe" not in after  # layer 0 is dense
     summary = json.loads((d / "summary.json").read_text())
     assert summary["ltp_mode"] == "weights"
