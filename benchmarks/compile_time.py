@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--options", default=None, help="spts options as JSON (default: the backend's defaults)")
     p.add_argument("--dynamic-lengths", default="1536:4096:10",
                    help="lengths for the dynamic child, lo:hi:count or a,b,c; 'none' to skip it")
+    p.add_argument("--inline", action="store_true",
+                   help="also a cold spts child with share_layers=False (every skipping layer inline)")
     p.add_argument("--out", default="results/compile-time.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -142,6 +144,12 @@ def main(argv=None) -> int:
             result[f"{config}_warm_logits_equal_cold"] = same
             if not same:
                 log(f"WARNING: {config}: the warm process's logits differ from the cold one's")
+        if args.inline:   # the same spts options with every layer inline (share_layers=False), cold only
+            inline = json.dumps(dict(json.loads(args.options or "{}"), share_layers=False))
+            r = run_child(args, "spts-inline", inline, [args.length], os.path.join(root, "inline"))
+            runs["spts-inline/cold"] = r
+            log(f"spts-inline cold: first call {r['first_call_seconds']:.1f}s, compile {r['compile_seconds']:.1f}s, "
+                f"kernels {r['plan'].get('kernels')}")
         if dyn:
             r = run_child(args, "spts", args.options, dyn, os.path.join(root, "dynamic"), dynamic=True)
             runs["spts/dynamic"] = r
@@ -158,6 +166,11 @@ def main(argv=None) -> int:
         "spts_steady_over_inductor_steady": (statistics.median(runs["spts/cold"]["steady_seconds"])
                                              / statistics.median(runs["inductor/cold"]["steady_seconds"])),
     }
+    if args.inline:
+        result["ratios"]["spts_inline_cold_over_inductor_cold"] = c["spts-inline/cold"] / c["inductor/cold"]
+        result["ratios"]["spts_steady_over_spts_inline_steady"] = (
+            statistics.median(runs["spts/cold"]["steady_seconds"])
+            / statistics.median(runs["spts-inline/cold"]["steady_seconds"]))
     if dyn:
         result["dynamic"] = {"lengths": dyn, "recompiles": runs["spts/dynamic"]["recompiles"],
                              "graphs_total": runs["spts/dynamic"]["graphs_total"]}
@@ -175,6 +188,9 @@ def main(argv=None) -> int:
               f"{warm['compile_seconds'] / cold['compile_seconds']:.2f} | {cold['plan'].get('kernels') or '-'} |")
     print(f"spts cold / Inductor cold: {ra['spts_cold_over_inductor_cold']:.2f} (target <= 1.5); "
           f"spts warm / cold: {ra['spts_warm_over_spts_cold']:.2f} (target <= 0.25)")
+    if args.inline:
+        r = runs["spts-inline/cold"]
+        print(f"| spts, share_layers=False | {r['compile_seconds']:.1f} | - | - | {r['plan'].get('kernels') or '-'} |")
     if dyn:
         print(f"dynamic: {len(dyn)} lengths, {result['dynamic']['recompiles']} recompile(s) after the first (target <= 1)")
     log(f"wrote {out}")

@@ -17,6 +17,7 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .calibration import ACTIVATIONS, proxy_norm
 from .config import budget_tokens
@@ -243,6 +244,8 @@ def top_rows(scores, last_c, m):
     causal order holds among them. Ties go to the later token (masked keys score exactly 0, so ties are
     real): a stable descending sort of the reversed scores."""
     b, c = scores.shape
+    if statically_known_true(m == c):   # every row: the sorted result is 0..C-1, without the sorts
+        return torch.arange(c, device=scores.device).unsqueeze(0).expand(b, c).contiguous()
     forced = scores.scatter(1, last_c.unsqueeze(1), float("inf"))
     order = torch.sort(forced.flip(1), dim=1, descending=True, stable=True).indices
     # the first m columns, taken with a gather rather than a slice: a slice whose length may equal the
