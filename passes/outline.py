@@ -1,13 +1,12 @@
 """Skipping layers that repeat compile once: each layer's rewritten region becomes one call of a shared subgraph.
 
-Inductor fuses across the whole graph, so two skipping layers of one stage came out as different fused kernels
-(the fusion groups differ from layer to layer: which neighbour a scatter or a norm fuses with), and every
-stage shape added its own set: SmolLM2's rewritten prefill defined 83 C++ kernels against dense's 16, and gcc
-spent most of the backend's extra compile time on them. Here the nodes the rewrite built for one layer move
-into a small graph module of their own, called through `runtime.run_layer`, which hands it to the
-`invoke_subgraph` higher-order op. Layers whose regions have the same code share one module; the op's
+Inductor lowers and generates code for every layer of one graph anew, even where the code repeats (it reuses
+a C++ kernel only once its source has been generated again and matches). Here the nodes the rewrite built for
+one layer move into a small graph module of their own, called through `runtime.run_layer`, which hands it to
+the `invoke_subgraph` higher-order op. Layers whose regions have the same code share one module; the op's
 identifier adds the operands' shapes, strides and dtypes, so Inductor lowers and generates code once per
-(code, shapes) and calls the same compiled function for every such layer.
+(code, shapes) and calls the same compiled function for every such layer. A layer is no longer fused with its
+neighbours: what that costs at run time is measured in the README (compile-time paragraph).
 
 What a region is: the nodes the rewrite created for the layer (`_Builder` records them). Its inputs are the
 outside nodes those read (weights, RoPE tables, masks, the stream of the layer before); its outputs are the
