@@ -56,6 +56,7 @@ def layer_rows(record) -> list[dict]:
                           (" +qk_norm" if l.attn.q_norm else "")) if l.attn else "-",
             "ffn": l.ffn.act if l.ffn else "-",
             "cache": l.cache,
+            "module": record.layer_modules.get(l.index, "-"),   # the outlined region it calls (share_layers)
             "verified": verified,
             "reason": reason,
         })

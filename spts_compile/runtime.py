@@ -354,7 +354,11 @@ def run_layer(subgraph, name: str, *operands):
     """One skipping layer's region, outlined into `subgraph`, called through the `invoke_subgraph`
     higher-order op. Under tracing, every call with the same identifier reuses the first call's traced graph,
     and Inductor compiles it once; so the identifier is the module's name (one per distinct region code) and
-    the operands' shapes, strides and dtypes. Run as it is, the op calls the module."""
+    the operands' shapes, strides and dtypes. On real tensors (compiler="eager", or a dispatch mode such as
+    FlopCounterMode, which the op has no rule for) the module runs directly."""
     from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
+    from torch._subclasses.fake_tensor import is_fake
+    if not any(is_fake(o) for o in operands):
+        return subgraph(*operands)
     shapes = ";".join(f"{o.dtype}{tuple(o.shape)}{o.stride()}{o.device}" for o in operands)
     return invoke_subgraph(subgraph, f"{name}_{hashlib.sha256(shapes.encode()).hexdigest()[:16]}", *operands)

@@ -215,6 +215,7 @@ def test_debug_dir_dumps_graph_layers_and_plan(tmp_path):
     assert modes == ["dense", "skip", "skip", "skip"]
     assert 0 < summary["flop_ratio"] < 1
     assert "attention" in (d / "layers.txt").read_text() or "sdpa" in (d / "layers.txt").read_text()
+    assert [r["module"] for r in summary["layers"]][0] == "-" and "spts_layer_0" in (d / "layers.txt").read_text()
     assert summary["kernels"] > 0 and summary["inductor_cache"] in ("hit", "miss")
     assert f"kernels: {summary['kernels']}" in (d / "plan.txt").read_text()
 
