@@ -25,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from spts_compile import runtime as rt
 
-_META = ("example_value", "val", "tensor_meta")
+from .graph_utils import take_place
 
 
 def outline(gm: GraphModule, regions: dict[int, list[Node]], carried: dict[int, list] | None = None
@@ -38,10 +38,13 @@ def outline(gm: GraphModule, regions: dict[int, list[Node]], carried: dict[int, 
     replaced: dict[Node, Node] = {}
     modules: dict[int, str] = {}
     by_code: dict[str, str] = {}
+    # graph order, taken once: the calls this inserts stand after regions already done, and no region or
+    # reader of one is a node this makes
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for layer, nodes in regions.items():
         live = set(nodes)
-        order = [n for n in gm.graph.nodes if n in live]
-        found = _region(order, live, {n for n in carried.get(layer, ()) if n in live})
+        order = sorted(live, key=position.__getitem__)
+        found = _region(order, live, {n for n in carried.get(layer, ()) if n in live}, position)
         if found is None:
             continue
         inputs, outputs = found
@@ -51,11 +54,11 @@ def outline(gm: GraphModule, regions: dict[int, list[Node]], carried: dict[int, 
             name = by_code[sub.code] = f"spts_layer_{len(by_code)}"
             gm.add_submodule(name, sub)
         modules[layer] = name
-        replaced.update(_call(gm, order, live, inputs, outputs, name))
+        replaced.update(_call(gm, order, inputs, outputs, name))
     return replaced, modules
 
 
-def _region(order: list[Node], live: set[Node], carried: set[Node]):
+def _region(order: list[Node], live: set[Node], carried: set[Node], position: dict[Node, int]):
     """(inputs, outputs) of a region that can move, else None."""
     if any(n.op != "call_function" for n in order):
         return None
@@ -74,7 +77,6 @@ def _region(order: list[Node], live: set[Node], carried: set[Node]):
     outputs = [n for n in order if n in carried or not n.users or any(u not in live for u in n.users)]
     if not outputs:
         return None
-    position = {n: i for i, n in enumerate(order[0].graph.nodes)}
     last = position[order[-1]]
     if any(position[u] < last for o in outputs for u in o.users if u not in live):
         return None   # read outside before the region ends: the call could not stand in one place
@@ -96,7 +98,7 @@ def _subgraph(order: list[Node], inputs: list[Node], outputs: list[Node], prefix
     return GraphModule(torch.nn.Module(), graph)
 
 
-def _call(gm: GraphModule, order, live, inputs, outputs, name: str) -> dict[Node, Node]:
+def _call(gm: GraphModule, order, inputs, outputs, name: str) -> dict[Node, Node]:
     graph = gm.graph
     with graph.inserting_after(order[-1]):
         attr = graph.get_attr(name)
@@ -107,10 +109,7 @@ def _call(gm: GraphModule, order, live, inputs, outputs, name: str) -> dict[Node
     for i, o in enumerate(outputs):
         with graph.inserting_after(at):
             at = graph.call_function(operator.getitem, (call, i))
-        for key in _META:
-            if key in o.meta:
-                at.meta[key] = o.meta[key]
-        o.replace_all_uses_with(at, delete_user_cb=lambda u: u not in live)
+        take_place(o, at)   # the region's own readers go with it below
         replaced[o] = at
     for n in reversed(order):
         graph.erase_node(n)
