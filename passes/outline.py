@@ -25,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from spts_compile import runtime as rt
 
-from .graph_utils import take_place
+from .graph_utils import layer_ops, take_place
 
 
 def outline(gm: GraphModule, regions: dict[int, list[Node]], carried: dict[int, list] | None = None
@@ -58,9 +58,20 @@ def outline(gm: GraphModule, regions: dict[int, list[Node]], carried: dict[int, 
     return replaced, modules
 
 
+def dense_regions(graph: Graph, layers) -> dict[int, list[Node]]:
+    """layer -> its op nodes, for the dense layers `layers` (as Dynamo traced them): outlined like the skipping
+    ones, the layers of a model that are alike lower and generate code once instead of once per layer."""
+    wanted = set(layers)
+    regions: dict[int, list[Node]] = {}
+    for n, where in layer_ops(graph):
+        if where[0] in wanted:
+            regions.setdefault(where[0], []).append(n)
+    return regions
+
+
 def _region(order: list[Node], live: set[Node], carried: set[Node], position: dict[Node, int]):
     """(inputs, outputs) of a region that can move, else None."""
-    if any(n.op != "call_function" for n in order):
+    if any(n.op not in ("call_function", "call_method") for n in order):
         return None
     inputs: list[Node] = []
     for n in order:
@@ -93,7 +104,7 @@ def _subgraph(order: list[Node], inputs: list[Node], outputs: list[Node], prefix
         args = torch.fx.map_arg(n.args, env.__getitem__)
         kwargs = torch.fx.map_arg(n.kwargs, env.__getitem__)
         name = n.name[len(prefix):] if n.name.startswith(prefix) else f"n{i}"
-        env[n] = graph.create_node("call_function", n.target, args, kwargs, name=name)
+        env[n] = graph.create_node(n.op, n.target, args, kwargs, name=name)
     graph.output(tuple(env[o] for o in outputs))
     return GraphModule(torch.nn.Module(), graph)
 

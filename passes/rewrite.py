@@ -15,6 +15,7 @@ original output node is replaced by its full-length view, so the final norm, `ou
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from spts_compile import runtime as rt
 from .blocks import attention_args, ffn_args, graph_value
 from .graph_utils import eliminate_dead_code, take_place
 from .locate import GraphAnalysis, LayerSpec
-from .outline import outline
+from .outline import dense_regions, outline
 from .plan import LayerPlan, Plan
 
 
@@ -97,8 +98,12 @@ class LayerContext:
                  self.real)
 
 
-def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: dict[int, tuple]) -> RewriteResult:
-    """Rewrite gm in place. `proxies[layer]` holds the LTP proxy tensors of each skipping layer."""
+def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: dict[int, tuple],
+            inline: Iterable[int] = ()) -> RewriteResult:
+    """Rewrite gm in place. `proxies[layer]` holds the LTP proxy tensors of each skipping layer. With
+    share_layers, the dense layers are outlined too (passes/outline.py), except those in `inline` (the ones
+    causal cleanup rewrote: their new nodes carry no layer of their own)."""
+    inline = set(inline)
     graph = gm.graph
     pairs = [(s, p) for s, p in zip(analysis.layers, plan.layers) if p.mode == "skip"]
     result = RewriteResult([], [], {})
@@ -141,7 +146,9 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
         outs = output.args[0]
         output.args = ((*outs, *extra),) if isinstance(outs, (tuple, list)) else ((outs, *extra),)
     if cfg.share_layers:   # before the dead code goes, so that a stage's last layer keeps its stage's code
-        replaced, result.shared_modules = outline(gm, regions, carried)
+        dense = dense_regions(graph, [s.index for s, p in zip(analysis.layers, plan.layers)
+                                      if p.mode == "dense" and s.index not in inline])
+        replaced, result.shared_modules = outline(gm, {**dense, **regions}, carried)
         for spec, _ in pairs:
             if spec.attn.k_out is not None:
                 spec.attn.k_out = replaced.get(spec.attn.k_out, spec.attn.k_out)

@@ -16,7 +16,7 @@ from tests.tiny_models import make_inputs, make_model
 # 12 layers: skipping from 2, stages end at 6 and 10, 48 tokens. With selector "stage": layer 2 scores and
 # keeps 24; 3-6 keep what it chose (the same code; 6's kept scores are an output nobody reads); 7 scores again
 # and keeps 12; 8-10 keep those; 11 scores again among 12 and keeps them all (7's code on other shapes). So
-# five compiled layer functions serve ten skipping layers.
+# five compiled layer functions serve ten skipping layers, and a sixth the two dense layers.
 OPTS = dict(start_layer=2, stage_ends=[6, 10], budgets=[24, 12], prune=4, min_tokens=1)
 
 
@@ -40,7 +40,9 @@ def test_layers_of_a_stage_call_one_module(case, selector):
     model, ids, mask = case
     shared, plan = _run(model, ids, mask, selector=selector, compiler="eager")
     modules = {int(k): v for k, v in plan["layer_modules"].items()}
-    assert sorted(modules) == plan["rewritten_layers"] == list(range(2, 12))
+    assert plan["rewritten_layers"] == list(range(2, 12))
+    assert sorted(modules) == list(range(12))                    # the dense layers 0-1 are outlined too
+    assert modules[0] == modules[1] and modules[0] not in {modules[l] for l in range(2, 12)}, modules
     if selector == "stage":
         assert len({modules[l] for l in range(3, 7)}) == 1 and len({modules[l] for l in range(8, 11)}) == 1
         assert modules[7] == modules[11], modules                 # a stage start: score again, keep the budget
@@ -64,7 +66,8 @@ def test_inductor_compiles_one_function_per_region_and_shapes_and_gives_the_inli
     inline, plan_inline = _run(model, ids, mask, share_layers=False)
     torch.testing.assert_close(shared, inline, atol=1e-5, rtol=1e-5)
     assert plan_inline["subgraphs"] == 0 and plan_inline["kernels"] > 0 and plan["kernels"] > 0
-    assert plan["subgraphs"] == 5, plan["subgraphs"]   # ten skipping layers, five (code, shapes): see OPTS
+    # ten skipping layers, five (code, shapes): see OPTS; and one for the two dense layers
+    assert plan["subgraphs"] == 6, plan["subgraphs"]
 
 
 def test_share_layers_must_be_a_bool():
