@@ -1,4 +1,4 @@
-"""Skipping layers that repeat compile once: each layer's rewritten region becomes one call of a shared subgraph.
+"""Layers that repeat compile once: each layer's region becomes one call of a shared subgraph.
 
 Inductor lowers and generates code for every layer of one graph anew, even where the code repeats (it reuses
 a C++ kernel only once its source has been generated again and matches). Here the nodes the rewrite built for
@@ -8,7 +8,9 @@ identifier adds the operands' shapes, strides and dtypes, so Inductor lowers and
 (code, shapes) and calls the same compiled function for every such layer. A layer is no longer fused with its
 neighbours: what that costs at run time is measured in the README (compile-time paragraph).
 
-What a region is: the nodes the rewrite created for the layer (`_Builder` records them). Its inputs are the
+What a region is: for a skipping layer, the nodes the rewrite created for it (`_Builder` records them); for a
+dense layer, its op nodes as Dynamo traced them (`dense_regions`: every node whose module stack is that
+layer), so that a model's alike dense layers (the ones before `start_layer`) lower once too. Its inputs are the
 outside nodes those read (weights, RoPE tables, masks, the stream of the layer before); its outputs are the
 members read outside (the stream, the full-length view, the KV cache rows and positions, the recorded
 selections). Constants (budgets, head sizes, activation names) stay in the code, so layers of different

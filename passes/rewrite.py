@@ -37,7 +37,7 @@ class RewriteResult:
     proxy_buffers: dict[int, list[int]]   # layer -> positions of its LTP proxy tensors in extra_inputs
     extra_inputs: list = None             # tensors appended to the graph's inputs (the LTP proxies)
     kv_layers: list = None                # layers whose cache positions are appended as outputs, in order
-    shared_modules: dict = None           # layer -> the outlined region module it calls (share_layers)
+    shared_modules: dict = None           # layer (dense or skipping) -> the outlined module it calls (share_layers)
 
     def __post_init__(self):
         self.extra_inputs = [] if self.extra_inputs is None else self.extra_inputs
@@ -149,8 +149,8 @@ def rewrite(gm: GraphModule, analysis: GraphAnalysis, plan: Plan, cfg, proxies: 
         dense = dense_regions(graph, [s.index for s, p in zip(analysis.layers, plan.layers)
                                       if p.mode == "dense" and s.index not in inline])
         replaced, result.shared_modules = outline(gm, {**dense, **regions}, carried)
-        for spec, _ in pairs:
-            if spec.attn.k_out is not None:
+        for spec in analysis.layers:   # the dense layers' caches moved into their modules too
+            if spec.attn is not None and spec.attn.k_out is not None:
                 spec.attn.k_out = replaced.get(spec.attn.k_out, spec.attn.k_out)
                 spec.attn.v_out = replaced.get(spec.attn.v_out, spec.attn.v_out)
     eliminate_dead_code(graph)

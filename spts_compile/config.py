@@ -92,8 +92,8 @@ class SPTSConfig:
     seed: int = 0
     causal_cleanup: bool = True
     verify: bool = True
-    # Skipping layers whose rewritten code and shapes repeat compile once and share their kernels
-    # (passes/outline.py); False keeps every layer inline in one graph, as Inductor fuses it whole.
+    # Layers whose code and shapes repeat (the dense ones, the skipping layers of a stage) compile once and
+    # share their kernels (passes/outline.py); False keeps every layer inline in one graph, as Inductor fuses it.
     share_layers: bool = True
     # What runs the rewritten graph: Inductor (the point of the backend), or the FX graph as it is
     # ("eager": no code generation; for quick budget sweeps and for debugging a rewrite).

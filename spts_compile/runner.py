@@ -38,7 +38,7 @@ class CompileRecord:
     compile_seconds: float = 0.0        # the whole backend call
     kernels: int | None = None          # distinct C++ kernels in the graph's Inductor output code (None: no code)
     cache: str | None = None            # "hit" when Inductor's FX graph cache had the graph, else "miss"
-    layer_modules: dict = field(default_factory=dict)   # skipping layer -> its outlined region (share_layers)
+    layer_modules: dict = field(default_factory=dict)   # layer (dense or skipping) -> its outlined module (share_layers)
     subgraphs: int | None = None        # compiled layer functions in the output code: one per (region, shapes)
     ltp_mode: str | None = None
     cleanup_layers: list[int] = field(default_factory=list)
