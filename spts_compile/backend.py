@@ -108,7 +108,8 @@ def _compile(gm, example_inputs, cfg: SPTSConfig, record: CompileRecord, origina
         and schedule.min_tokens > 1 else None   # short prompts at run time take a dense graph
     if cfg.causal_cleanup:
         record.cleanup_layers = cleanup.apply(gm, analysis, plan)
-    result = rewriting.rewrite(gm, analysis, plan, cfg, proxies, inline=record.cleanup_layers) if first_skip is not None else None
+    result = None if first_skip is None else \
+        rewriting.rewrite(gm, analysis, plan, cfg, proxies, inline=record.cleanup_layers)
     if result is not None:
         record.rewritten_layers, record.layer_modules = result.rewritten_layers, result.shared_modules
     return _hand_over(gm, original, example_inputs, cfg, record, analysis, result, watched, dense_gm)

@@ -195,12 +195,15 @@ def _int(x):
     return None if x is None else int(x)
 
 
-def _outlined_code(gm, layer_modules: dict) -> str:
-    """The outlined layer modules' code (share_layers), each headed by the layers that call it."""
+def _outlined_code(gm, record) -> str:
+    """The outlined layer modules' code (share_layers), each headed by the layers that call it and their
+    mode (a module is dense or skipping: layers of different modes never share one)."""
+    modes = {lp.index: lp.mode for lp in record.plan.layers} if record.plan is not None else {}
     parts = []
-    for name in dict.fromkeys(layer_modules.values()):
-        layers = ", ".join(str(l) for l, m in layer_modules.items() if m == name)
-        parts.append(f"\n\n# {name}: skipping layers {layers}\n{getattr(gm, name).code}")
+    for name in dict.fromkeys(record.layer_modules.values()):
+        layers = [l for l, m in record.layer_modules.items() if m == name]
+        mode = "dense" if modes.get(layers[0]) == "dense" else "skipping"
+        parts.append(f"\n\n# {name}: {mode} layers {', '.join(map(str, layers))}\n{getattr(gm, name).code}")
     return "".join(parts)
 
 
@@ -209,7 +212,7 @@ def write_dump(debug_dir, record, before, after) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if before is not None:
         (folder / "before.py").write_text(before)
-    (folder / "after.py").write_text(after.code + _outlined_code(after, record.layer_modules))
+    (folder / "after.py").write_text(after.code + _outlined_code(after, record))
     s = summary(record)
     head = f"graph {record.graph_id}: {record.kind}" + (f" ({record.reason})" if record.reason else "")
     (folder / "layers.txt").write_text(head + "\n\n" + tabulate(s["layers"], headers="keys") + "\n")

@@ -204,18 +204,21 @@ def test_debug_dir_dumps_graph_layers_and_plan(tmp_path):
     for name in ("before.py", "after.py", "layers.txt", "plan.txt", "summary.json"):
         assert (d / name).exists(), name
     after = (d / "after.py").read_text()
-    # each skipping layer's steps, in the outlined module it calls (share_layers), headed by its layers
-    assert "# spts_layer_0: skipping layers 1" in after
+    # each layer's steps, in the outlined module it calls (share_layers), headed by its layers and mode
+    summary = json.loads((d / "summary.json").read_text())
+    modules = {r["layer"]: r["module"] for r in summary["layers"]}
+    assert modules[0] != modules[1] and all(m.startswith("spts_layer_") for m in modules.values())
+    assert f"# {modules[0]}: dense layers 0\n" in after
+    assert f"# {modules[1]}: skipping layers 1" in after
     for step in ("probe", "select", "gather", "attend", "scatter", "ltp_score", "prune"):
         assert f"    {step} = spts_compile_runtime" in after, step
     assert "l0_probe" not in after  # layer 0 is dense
-    summary = json.loads((d / "summary.json").read_text())
     assert summary["ltp_mode"] == "weights"
     modes = [row["mode"] for row in summary["plan"]]
     assert modes == ["dense", "skip", "skip", "skip"]
     assert 0 < summary["flop_ratio"] < 1
     assert "attention" in (d / "layers.txt").read_text() or "sdpa" in (d / "layers.txt").read_text()
-    assert [r["module"] for r in summary["layers"]][0] == "-" and "spts_layer_0" in (d / "layers.txt").read_text()
+    assert modules[1] in (d / "layers.txt").read_text()
     assert summary["kernels"] > 0 and summary["inductor_cache"] in ("hit", "miss")
     assert f"kernels: {summary['kernels']}" in (d / "plan.txt").read_text()
 
