@@ -61,11 +61,14 @@ def test_layers_of_a_stage_call_one_module(case, selector):
 
 
 def test_inductor_compiles_one_function_per_region_and_shapes_and_gives_the_inline_result(case):
+    """Inductor on the outlined graph gives what the rewritten graph gives uncompiled, which the test above
+    holds equal to the inline graph (compiling the inline graph with Inductor as well doubled this test's
+    time for no other check)."""
     model, ids, mask = case
     shared, plan = _run(model, ids, mask)
-    inline, plan_inline = _run(model, ids, mask, share_layers=False)
-    torch.testing.assert_close(shared, inline, atol=1e-5, rtol=1e-5)
-    assert plan_inline["subgraphs"] == 0 and plan_inline["kernels"] > 0 and plan["kernels"] > 0
+    uncompiled, _ = _run(model, ids, mask, compiler="eager")
+    torch.testing.assert_close(shared, uncompiled, atol=1e-5, rtol=1e-5)
+    assert plan["kernels"] > 0
     # ten skipping layers, five (code, shapes): see OPTS; and one for the two dense layers
     assert plan["subgraphs"] == 6, plan["subgraphs"]
 
