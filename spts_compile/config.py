@@ -50,7 +50,10 @@ GENERIC_LTP_RANK_FRACTION = Fraction(1, 4)      # r as a share of D_low
 COMPILERS = ("inductor", "eager")
 POOL_KINDS = ("avg", "max")
 HEAD_AGGREGATIONS = ("mean", "max", "kv_union")
-KV_CACHE_POLICIES = ("active", "candidates")
+KV_CACHE_POLICIES = ("active", "candidates", "all")
+# "all" (every token's K/V, the dropped ones' from their frozen hidden state) is what vLLM's paged cache needs; only
+# the vLLM plugin implements it (spts_compile/vllm_plugin), so a backend call refuses it (`from_options`).
+PLUGIN_ONLY_KV_CACHE = ("all",)
 
 
 class OptionError(ValueError):
@@ -120,6 +123,10 @@ class SPTSConfig:
             cfg = cls(**options)
         else:
             raise ValueError(f"spts: options must be a dict or SPTSConfig, got {type(options).__name__}")
+        if cfg.kv_cache in PLUGIN_ONLY_KV_CACHE:
+            raise OptionError(f"spts: kv_cache={cfg.kv_cache!r} is for the vLLM plugin only "
+                              f"(spts_compile.vllm_plugin); the torch.compile backend implements kv_cache "
+                              f"'active' and 'candidates'")
         if cfg.debug_dir is None and os.environ.get("SPTS_DEBUG_DIR"):
             cfg = dataclasses.replace(cfg, debug_dir=os.environ["SPTS_DEBUG_DIR"])
         if isinstance(cfg.calibration, (str, os.PathLike)):

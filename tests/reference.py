@@ -23,6 +23,10 @@ Choices where SEMANTICS.md is silent (keep the passes in step with these):
   (padding counts as +inf there), so a padded row prunes what it would prune alone. The keep-set selectors
   (once, stage) score padding -inf when they keep their top M (after pooling, which would lift a padding
   token next to a high-scoring one), so a padded row keeps what it would keep alone.
+- kv_cache "all": a skipping layer's cache holds every position 0..N-1. The candidates' rows are the layer's own
+  K (from the probe) and V = v_proj(xn) of all C candidates; a token outside the candidates (pruned at a stage
+  end, or left out of a keep-set) gets K/V projected by this layer (attn_norm, k/v projections, k_norm, RoPE at
+  its position) from its frozen value, the latest value it had (`latest`).
 - a padding query row (which the model's mask leaves with no key at all) attends to itself only
   (besides any real key it may see), so it stays finite; its values are never compared.
 
@@ -251,7 +255,9 @@ def reference_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = 
       hidden_states (only if requested): a tuple shaped like HF's: the embeddings, then each layer's
         full-length output (latest value of every token), the last one after the final norm, as
         transformers 5 returns it;
-      kv: per layer (K, V), each [B, Hkv, L_l, hd], K after RoPE at the tokens' original positions;
+      kv: per layer (K, V), each [B, Hkv, L_l, hd], K after RoPE at the tokens' original positions (with
+        kv_cache "all", L_l = N at every layer: tokens outside the candidates are projected from their frozen
+        value, SEMANTICS.md "Retrieval protection");
       kept: per layer a dict: 'cand' [B, C] candidate positions at the layer's input, 'attn' [B, M]
         positions that went through attention (= the layer's KV entries), 'ffn' [B, M'] positions that
         went through the FFN, 's_mha' [B, C] and 's_ffn' [B, C] scores (None where not computed),
@@ -390,7 +396,14 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         h_c = x_c.clone()
         h_c[act] = x_c[act] + o
         keep_all = skipping and not once and schedule.pap and schedule.kv_cache == "candidates"
-        kvs.append((k_all, v_all) if keep_all else (k_act, v_act))
+        every = skipping and schedule.kv_cache == "all"
+        if every:   # every token: the candidates' own K/V, the others' from their frozen value (latest)
+            k_pre_n, v_n = _project_kv(attn, attn_norm(latest))
+            k_n = _rope(k_pre_n, cos_all, sin_all)
+            k_n[:, cand], v_n[:, cand] = k_all, v_all
+            kvs.append((k_n, v_n))
+        else:
+            kvs.append((k_all, v_all) if keep_all else (k_act, v_act))
 
         # -- FFN (LTP) --
         hn = ffn_norm(h_c)
@@ -414,7 +427,7 @@ def _prefill_row(model, ids: Tensor, am: Tensor, last_pos: int, schedule: Schedu
         latest[cand] = y_c
 
         rec = {"cand": cand.clone(), "attn": pos_a.clone(), "ffn": cand[act_f].clone(),
-               "kv_pos": (cand if keep_all else pos_a).clone(),
+               "kv_pos": torch.arange(n) if every else (cand if keep_all else pos_a).clone(),
                "s_mha": s_mha, "s_ffn": None if s_ffn is None else s_ffn.float()}
         if record_blocks:
             rec.update(x=x_c.clone(), h=h_c.clone(), y=y_c.clone())
