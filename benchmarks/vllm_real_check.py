@@ -24,26 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from vllm_check import Checks, _env_defaults, plugin_env  # noqa: E402
-from vllm_ttft import DEFAULT_MODEL  # noqa: E402
+from vllm_ttft import DEFAULT_MODEL, engine_args, prompt_ids  # noqa: E402
 
 NEW_TOKENS = 4
 TOL = 1e-3
-
-
-def pydoc_ids(model: Path, offset: int, tokens: int) -> list[int]:
-    from pydoc_data.topics import topics
-    from transformers import AutoTokenizer
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"][offset:offset + tokens]
 
 
 def child(model: str, spec: str, out: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     ids = json.loads(Path(spec).read_text())
-    llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", seed=0, enforce_eager=True,
-              max_model_len=len(ids) + 64, max_num_batched_tokens=len(ids) + 64, enable_chunked_prefill=False,
-              enable_prefix_caching=False)
+    llm = LLM(model=model, **engine_args(len(ids)))
     sp = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=20, detokenize=False)
     t = time.perf_counter()
     r = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
@@ -75,7 +66,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     options = dict(json.loads(args.options))
     options.setdefault("kv_cache", "all")
-    ids = pydoc_ids(model, args.offset, args.tokens)
+    ids = prompt_ids(model, args.tokens, args.offset)
     spec, out, log, record = (work / n for n in ("prompt.json", "out.json", "vllm.log", "record.jsonl"))
     spec.write_text(json.dumps(ids))
     record.unlink(missing_ok=True)

@@ -34,14 +34,22 @@ DEFAULT_MODEL = Path(os.environ.get("SPTS_CACHE_DIR", Path.home() / ".cache" / "
     "smollm2-135m-instruct-fp32"
 
 
-def prompt_ids(model: Path, tokens: int) -> list[int]:
+def prompt_ids(model: Path, tokens: int, offset: int = 0) -> list[int]:
+    """`tokens` token ids of Python's pydoc topics, from token `offset` on."""
     from pydoc_data.topics import topics
     from transformers import AutoTokenizer
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < tokens:
-        raise SystemExit(f"the pydoc text has {len(ids)} tokens, fewer than --tokens {tokens}")
-    return ids[:tokens]
+    if len(ids) < offset + tokens:
+        raise SystemExit(f"the pydoc text has {len(ids)} tokens, fewer than --offset {offset} + --tokens {tokens}")
+    return ids[offset:offset + tokens]
+
+
+def engine_args(tokens: int) -> dict:
+    """vllm.LLM's arguments for one request of `tokens` token ids: fp32, eager, the whole prompt in one step
+    (chunked prefill off, so the plugin can run; prefix caching off, so every request prefills)."""
+    return dict(skip_tokenizer_init=True, dtype="float32", seed=0, enforce_eager=True, max_model_len=tokens + 64,
+                max_num_batched_tokens=tokens + 64, enable_chunked_prefill=False, enable_prefix_caching=False)
 
 
 def engine(model: Path, tokens: int, options: dict | None, work: Path):
@@ -58,9 +66,7 @@ def engine(model: Path, tokens: int, options: dict | None, work: Path):
     os.environ.update(env)
     try:
         t = time.perf_counter()
-        llm = LLM(model=str(model), skip_tokenizer_init=True, dtype="float32", seed=0, enforce_eager=True,
-                  max_model_len=tokens + 64, max_num_batched_tokens=tokens + 64, enable_chunked_prefill=False,
-                  enable_prefix_caching=False)
+        llm = LLM(model=str(model), **engine_args(tokens))
         return llm, time.perf_counter() - t
     finally:
         os.environ.clear()
